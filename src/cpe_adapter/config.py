@@ -1,0 +1,189 @@
+"""`CPEConfig`: everything needed to rebuild, check and describe one CPE adapter.
+
+Modelled on PEFT's configs: a dataclass whose fields are documented, serialised to
+``cpe_config.json`` and into the safetensors header. Unknown keys written by newer versions are
+ignored with a warning; a newer ``format_version`` than this package understands is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import AdapterFileError, CPEAdapterError
+
+CONFIG_NAME = "cpe_config.json"
+WEIGHTS_NAME = "cpe_adapter.safetensors"
+METADATA_KEY = "cpe_adapter_metadata"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ConceptSpec:
+    """One erased concept.
+
+    Attributes:
+        name: the concept as users write it ("Van Gogh").
+        neutral: the phrase it is mapped toward ("real photograph", "a person").
+        eta: over-shoot of the erase target, ``(1 + eta) P(E_n) - eta P(E_t)`` (METHOD.md §4).
+    """
+
+    name: str
+    neutral: str
+    eta: float = 0.3
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ConceptSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class TargetLayer:
+    """One wrapped projection: its path relative to the denoiser and its dimensions."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TargetLayer:
+        return cls(name=str(data["name"]), in_features=int(data["in_features"]), out_features=int(data["out_features"]))
+
+
+@dataclass
+class CPEConfig:
+    """Configuration of a CPE adapter (one or more erased concepts stacked on a concept axis).
+
+    Attributes:
+        concepts: the erased concepts, in the order of the weights' concept axis.
+        text_embed_dim: dimension ``d`` of the text embedding the gate reads (768 for SD 1.x).
+        target_layers: the wrapped ``attn2.to_k`` / ``attn2.to_v`` projections, in weight order.
+        gate_rank: ``m``, the rank of the token-mixing matrices ``A_c`` and ``B_c``.
+        residual_rank: ``r``, the rank of each per-layer residual ``D_l U_l``.
+        alpha: residual strength; the residual is scaled by ``alpha / residual_rank``.
+        tie_gate_qk: use ``A_c`` for both sides of the token mixing, as the paper's released
+            checkpoints do (``B_c`` is then ignored).
+        name: default adapter name when loaded without ``adapter_name``.
+        base_model: Hub id or path of the model the adapter was trained on.
+        base_model_revision: revision (commit) of ``base_model`` when known.
+        preset: training preset ("names", "styles", "explicit") or ``None``.
+        training: training hyper-parameters (free-form, recorded for provenance).
+        evaluation: evaluation figures recorded at save time (free-form).
+        library_version: version of cpe-adapter that wrote the file.
+        weights_sha256: content hash of the weights (see :func:`cpe_adapter.adapter.weights_digest`).
+        format_version: version of the file format; loading refuses newer versions.
+    """
+
+    concepts: list[ConceptSpec] = field(default_factory=list)
+    text_embed_dim: int = 768
+    target_layers: list[TargetLayer] = field(default_factory=list)
+    gate_rank: int = 16
+    residual_rank: int = 1
+    alpha: float = 1.0
+    tie_gate_qk: bool = False
+    name: str | None = None
+    base_model: str | None = None
+    base_model_revision: str | None = None
+    preset: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    library_version: str | None = None
+    weights_sha256: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.concepts = [c if isinstance(c, ConceptSpec) else ConceptSpec.from_dict(c) for c in self.concepts]
+        self.target_layers = [
+            t if isinstance(t, TargetLayer) else TargetLayer.from_dict(t) for t in self.target_layers
+        ]
+        self.validate()
+
+    @property
+    def num_concepts(self) -> int:
+        return len(self.concepts)
+
+    @property
+    def concept_names(self) -> list[str]:
+        return [c.name for c in self.concepts]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [t.name for t in self.target_layers]
+
+    def validate(self) -> None:
+        """Check that the numbers make sense; raises :class:`CPEAdapterError` naming the field."""
+        for key in ("text_embed_dim", "gate_rank", "residual_rank"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 1_000_000:
+                raise CPEAdapterError(f"CPEConfig.{key} must be a positive integer, got {value!r}.")
+        if not isinstance(self.alpha, (int, float)) or self.alpha != self.alpha:
+            raise CPEAdapterError(f"CPEConfig.alpha must be a number, got {self.alpha!r}.")
+        names = self.layer_names
+        if len(set(names)) != len(names):
+            raise CPEAdapterError("CPEConfig.target_layers lists a layer twice.")
+        for layer in self.target_layers:
+            if layer.in_features != self.text_embed_dim:
+                raise CPEAdapterError(
+                    f"Target layer {layer.name!r} reads {layer.in_features}-d input but text_embed_dim is "
+                    f"{self.text_embed_dim}."
+                )
+            if not 0 < layer.out_features <= 1_000_000:
+                raise CPEAdapterError(f"Target layer {layer.name!r} has out_features={layer.out_features}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CPEConfig:
+        """Build a config from a dict, ignoring (with a warning) keys this version does not know."""
+        if not isinstance(data, dict):
+            raise AdapterFileError(f"A CPE config must be a JSON object, got {type(data).__name__}.")
+        version = data.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise AdapterFileError(f"format_version must be an integer, got {version!r}.")
+        if version > FORMAT_VERSION:
+            raise AdapterFileError(
+                f"This adapter uses format_version {version}, but this cpe-adapter understands up to "
+                f"{FORMAT_VERSION}. Upgrade with `pip install -U cpe-adapter`."
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(f"Ignoring unknown CPEConfig keys (written by a newer version?): {unknown}", stacklevel=2)
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (TypeError, KeyError, AttributeError) as err:
+            raise AdapterFileError(f"Invalid CPE config: {err}. Re-save the adapter with save_pretrained.") from err
+
+    @classmethod
+    def from_json_string(cls, text: str) -> CPEConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise AdapterFileError(f"{CONFIG_NAME} is not valid JSON ({err}); the file is corrupt.") from err
+        return cls.from_dict(data)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write ``cpe_config.json`` into ``save_directory`` atomically; returns its path."""
+        from .serialization import atomic_write_bytes
+
+        path = Path(save_directory) / CONFIG_NAME
+        atomic_write_bytes(path, (self.to_json_string() + "\n").encode("utf-8"))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> CPEConfig:
+        """Read ``cpe_config.json`` from a folder, a config file, or a Hub repo."""
+        from .hub import resolve_file
+
+        path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **hub_kwargs)
+        return cls.from_json_string(Path(path).read_text(encoding="utf-8"))

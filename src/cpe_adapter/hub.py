@@ -1,0 +1,193 @@
+"""Finding, reading, saving and pushing adapter files (local folders, single files, the Hub).
+
+Hub access goes through ``huggingface_hub`` (``hf_hub_download``, ``HfApi.upload_folder``,
+``ModelCard``), so caching, revisions, tokens and offline mode behave as everywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from .adapter import CPEAdapter
+from .config import CONFIG_NAME, WEIGHTS_NAME, CPEConfig
+from .errors import AdapterFileError, CPEAdapterError
+from .serialization import PICKLE_SUFFIXES, config_from_metadata, load_weights, read_metadata, save_weights
+
+HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir", "local_files_only", "weight_name")
+
+
+def _safe_relative(value: str | None, what: str) -> str | None:
+    """Reject ``weight_name`` / ``subfolder`` values that could leave the adapter folder."""
+    if value is None or value == "":
+        return None
+    path = PurePosixPath(str(value).replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or str(value).startswith(("/", "\\")) or ":" in str(value):
+        raise CPEAdapterError(f"{what}={value!r} must be a relative path inside the adapter folder or repo.")
+    return str(path)
+
+
+def resolve_file(
+    source: str | os.PathLike,
+    filename: str,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    required: bool = True,
+) -> Path | None:
+    """Local path of ``filename`` in a folder or Hub repo (downloaded through the Hub cache)."""
+    filename = _safe_relative(filename, "weight_name") or WEIGHTS_NAME
+    subfolder = _safe_relative(subfolder, "subfolder")
+    local = Path(source)
+    if local.is_file():
+        return local
+    if local.is_dir():
+        path = local / (subfolder or "") / filename
+        if path.is_file():
+            return path
+        if required:
+            raise AdapterFileError(f"No {filename} in {local / (subfolder or '')}; is this a cpe-adapter folder?")
+        return None
+    text = str(source)
+    if text.startswith((".", "/", "~", "\\")) or text.count("/") > 1 or "\\" in text:
+        raise AdapterFileError(f"{source} does not exist (it is neither a folder, a file nor a Hub repo id).")
+    try:
+        return Path(
+            hf_hub_download(
+                str(source),
+                filename,
+                subfolder=subfolder,
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=bool(local_files_only),
+            )
+        )
+    except EntryNotFoundError as err:
+        if not required:
+            return None
+        raise AdapterFileError(f"The Hub repo {source!r} has no file {filename!r} (subfolder={subfolder!r}).") from err
+    except LocalEntryNotFoundError as err:
+        if not required:
+            return None
+        raise AdapterFileError(
+            f"{filename!r} of {source!r} is not in the local Hub cache and cannot be downloaded (offline or "
+            f"local_files_only). Connect, or download it first with `huggingface-cli download {source}`."
+        ) from err
+    except RevisionNotFoundError as err:
+        raise AdapterFileError(f"The Hub repo {source!r} has no revision {revision!r}.") from err
+    except RepositoryNotFoundError as err:
+        raise AdapterFileError(
+            f"{source!r} is neither a local path nor an accessible Hub repo (missing, private without a token, "
+            "or misspelled)."
+        ) from err
+    except HfHubHTTPError as err:
+        raise AdapterFileError(f"Downloading {filename!r} from {source!r} failed: {err}") from err
+
+
+def load_adapter(
+    source: Any,
+    *,
+    weight_name: str | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+) -> CPEAdapter:
+    """Read an adapter from any accepted source (see ``load_cpe_adapter``); nothing is attached."""
+    if isinstance(source, CPEAdapter):
+        return source
+    if isinstance(source, (tuple, list)) and len(source) == 2 and isinstance(source[0], dict):
+        state_dict, config = source
+        return CPEAdapter.from_state_dict(state_dict, config)
+    if isinstance(source, dict):
+        raise CPEAdapterError("Pass a state dict together with its config: `(state_dict, config)`.")
+    if not isinstance(source, (str, os.PathLike)):
+        raise CPEAdapterError(
+            f"Cannot load a CPE adapter from a {type(source).__name__}; pass a Hub repo id, a folder, a "
+            ".safetensors file, (state_dict, config) or a CPEAdapter."
+        )
+    name = str(weight_name or source)
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        raise AdapterFileError(
+            f"{name} is a pickle file; cpe-adapter reads only .safetensors weights (pickle can run arbitrary code)."
+        )
+    hub = {"subfolder": subfolder, "revision": revision, "token": token, "cache_dir": cache_dir}
+    hub["local_files_only"] = local_files_only
+    weights = resolve_file(source, weight_name or WEIGHTS_NAME, **hub)
+    if Path(source).is_file():
+        config = config_from_metadata(read_metadata(weights), str(weights))
+    else:
+        config_path = resolve_file(source, CONFIG_NAME, required=False, **hub)
+        if config_path is not None:
+            config = CPEConfig.from_json_string(_read_text(config_path))
+        else:
+            config = config_from_metadata(read_metadata(weights), str(weights))
+    tensors = load_weights(weights, CPEAdapter.file_shapes(config))
+    return CPEAdapter.from_state_dict(tensors, config)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise AdapterFileError(f"{path} is not UTF-8 text; the config file is corrupt.") from err
+
+
+def save_adapter_folder(adapter: CPEAdapter, save_directory: str | os.PathLike, *, model_card: bool = True) -> Path:
+    """Write weights (with the config in their header), ``cpe_config.json`` and a model card."""
+    from . import __version__
+    from .model_card import write_model_card
+
+    folder = Path(save_directory)
+    if folder.exists() and not folder.is_dir():
+        raise CPEAdapterError(f"{folder} exists and is not a folder.")
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = adapter.file_state_dict()
+    config = CPEConfig.from_dict(
+        {**adapter.config.to_dict(), "library_version": __version__, "weights_sha256": adapter.digest()}
+    )
+    adapter.config = config
+    save_weights(folder / WEIGHTS_NAME, tensors, config)
+    config.save_pretrained(folder)
+    if model_card:
+        write_model_card(config, folder)
+    return folder
+
+
+def push_adapter(
+    adapter: CPEAdapter,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+    revision: str | None = None,
+) -> str:
+    """Create ``repo_id`` if needed and upload the adapter folder; returns the commit URL."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter_folder(adapter, tmp)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=tmp,
+            commit_message=commit_message or f"Upload CPE adapter ({', '.join(adapter.config.concept_names)})",
+            revision=revision,
+        )
+    return str(getattr(info, "commit_url", info))

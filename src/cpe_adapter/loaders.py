@@ -1,0 +1,263 @@
+"""The public pipeline operations of API.md §1, as functions taking a pipeline or a UNet.
+
+``import cpe_adapter`` also installs each of them as a method of ``diffusers.DiffusionPipeline``
+(see :func:`register_pipeline_methods`). Every operation validates everything first and only then
+changes state, so a failed call leaves already loaded adapters exactly as they were.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .adapter import CPEAdapter
+from .config import CPEConfig
+from .errors import CPEAdapterError
+from .hub import load_adapter, push_adapter
+from .runtime import CPERuntime, denoiser_of, get_runtime, remove_runtime
+
+
+def _runtime(pipe: Any) -> CPERuntime:
+    runtime = get_runtime(denoiser_of(pipe))
+    if runtime is None or not runtime.adapters:
+        raise CPEAdapterError("No CPE adapters are loaded; call `load_cpe_adapter(...)` first.")
+    return runtime
+
+
+def _check_names(runtime: CPERuntime, names: Sequence[str]) -> None:
+    unknown = [n for n in names if n not in runtime.adapters]
+    if unknown:
+        raise CPEAdapterError(f"Unknown CPE adapter name(s) {unknown}; loaded adapters are {sorted(runtime.adapters)}.")
+
+
+def _default_name(source: Any, config: CPEConfig) -> str:
+    if config.name:
+        return config.name
+    if isinstance(source, (str, os.PathLike)):
+        stem = Path(str(source).rstrip("/\\")).stem
+        return re.sub(r"[^\w.-]+", "_", stem) or "default"
+    return "default"
+
+
+def _unique(name: str, taken: dict[str, Any]) -> str:
+    if name not in taken:
+        return name
+    index = 1
+    while f"{name}_{index}" in taken:
+        index += 1
+    return f"{name}_{index}"
+
+
+def load_cpe_adapter(
+    pipe: Any,
+    pretrained_model_name_or_path_or_dict: Any,
+    adapter_name: str | None = None,
+    *,
+    weight_name: str | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    scale: float = 1.0,
+) -> str:
+    """Load an adapter, attach it to the pipeline's UNet and add it to the active set.
+
+    Args:
+        pretrained_model_name_or_path_or_dict: a Hub repo id, a local folder, a ``.safetensors``
+            file, ``(state_dict, config)`` or a :class:`CPEAdapter`.
+        adapter_name: name to register it under; default: the config's name (made unique).
+        scale: strength of this adapter's residual (0 takes it out of routing).
+
+    Returns:
+        The name the adapter was registered under.
+    """
+    denoiser = denoiser_of(pipe)
+    _check_scale(scale)
+    adapter = load_adapter(
+        pretrained_model_name_or_path_or_dict,
+        weight_name=weight_name,
+        subfolder=subfolder,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+    )
+    existing = get_runtime(denoiser)
+    runtime = existing or CPERuntime(denoiser)
+    runtime.check_compatible(adapter.config, "adapter")
+    if adapter_name is not None:
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise CPEAdapterError(f"adapter_name must be a non-empty string, got {adapter_name!r}.")
+        if adapter_name in runtime.adapters:
+            raise CPEAdapterError(
+                f"A CPE adapter named {adapter_name!r} is already loaded; choose another adapter_name or "
+                "`unload_cpe_adapter` it first."
+            )
+        name = adapter_name
+    else:
+        name = _unique(_default_name(pretrained_model_name_or_path_or_dict, adapter.config), runtime.adapters)
+    adapter = runtime.in_layer_order(adapter)
+    reference = next(denoiser.parameters())
+    adapter = adapter.to(device=reference.device, dtype=reference.dtype).requires_grad_(False).eval()
+    if existing is None:
+        runtime.attach()
+        denoiser.__dict__["_cpe_runtime"] = runtime
+    runtime.adapters[name] = adapter
+    runtime.scales[name] = float(scale)
+    runtime.active.append(name)
+    runtime.bump()
+    return name
+
+
+def _check_scale(scale: Any) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
+        raise CPEAdapterError(f"Adapter scales must be finite numbers, got {scale!r}.")
+
+
+def set_cpe_adapters(
+    pipe: Any, adapter_names: str | Sequence[str], scales: float | Sequence[float] | None = None
+) -> None:
+    """Make exactly ``adapter_names`` active, with per-adapter ``scales`` (default 1.0 each)."""
+    runtime = _runtime(pipe)
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    _check_names(runtime, names)
+    if len(set(names)) != len(names):
+        raise CPEAdapterError(f"Adapter names repeat in {names}.")
+    if scales is None:
+        values = [1.0] * len(names)
+    elif isinstance(scales, (int, float)) and not isinstance(scales, bool):
+        values = [float(scales)] * len(names)
+    else:
+        values = list(scales)
+        if len(values) != len(names):
+            raise CPEAdapterError(f"Got {len(values)} scales for {len(names)} adapters; pass one scale per adapter.")
+    for value in values:
+        _check_scale(value)
+    runtime.active = names
+    runtime.scales.update({n: float(v) for n, v in zip(names, values, strict=True)})
+    runtime.bump()
+
+
+def get_active_cpe_adapters(pipe: Any) -> list[str]:
+    """Names of the active adapters (also reported while disabled)."""
+    runtime = get_runtime(denoiser_of(pipe))
+    return list(runtime.active) if runtime else []
+
+
+def list_cpe_adapters(pipe: Any) -> dict[str, CPEConfig]:
+    """Every loaded adapter's config, by name."""
+    runtime = get_runtime(denoiser_of(pipe))
+    return {name: adapter.config for name, adapter in runtime.adapters.items()} if runtime else {}
+
+
+def get_cpe_adapter(pipe: Any, adapter_name: str) -> CPEAdapter:
+    """The loaded :class:`CPEAdapter` called ``adapter_name``."""
+    runtime = _runtime(pipe)
+    _check_names(runtime, [adapter_name])
+    return runtime.adapters[adapter_name]
+
+
+def disable_cpe_adapters(pipe: Any) -> None:
+    """Switch every erasure off (outputs then equal the pipeline without adapters)."""
+    runtime = get_runtime(denoiser_of(pipe))
+    if runtime is not None:
+        runtime.enabled = False
+        runtime.bump()
+
+
+def enable_cpe_adapters(pipe: Any) -> None:
+    """Switch the active erasures back on."""
+    runtime = get_runtime(denoiser_of(pipe))
+    if runtime is not None:
+        runtime.enabled = True
+        runtime.bump()
+
+
+def unload_cpe_adapter(pipe: Any, adapter_names: str | Sequence[str] | None = None) -> None:
+    """Remove adapters (``None``: all); with none left the UNet is exactly the original."""
+    denoiser = denoiser_of(pipe)
+    runtime = get_runtime(denoiser)
+    if runtime is None:
+        if adapter_names is None:
+            return
+        raise CPEAdapterError("No CPE adapters are loaded.")
+    names = list(runtime.adapters) if adapter_names is None else (
+        [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    )
+    _check_names(runtime, names)
+    for name in names:
+        runtime.adapters.pop(name)
+        runtime.scales.pop(name, None)
+        if name in runtime.active:
+            runtime.active.remove(name)
+    runtime.bump()
+    if not runtime.adapters:
+        remove_runtime(denoiser)
+
+
+def save_cpe_adapter(pipe: Any, save_directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Save one loaded adapter (the only one when ``adapter_name`` is None) to a folder."""
+    return _pick(pipe, adapter_name).save_pretrained(save_directory)
+
+
+def push_cpe_adapter_to_hub(
+    pipe: Any,
+    repo_id: str,
+    adapter_name: str | None = None,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Upload one loaded adapter to the Hub with a model card; returns the commit URL."""
+    return push_adapter(_pick(pipe, adapter_name), repo_id, private=private, token=token, commit_message=commit_message)
+
+
+def clear_cpe_cache(pipe: Any) -> None:
+    """Drop cached per-prompt projections (only needed after editing base weights via ``.data``)."""
+    runtime = get_runtime(denoiser_of(pipe))
+    if runtime is not None:
+        runtime.clear_cache()
+
+
+def _pick(pipe: Any, adapter_name: str | None) -> CPEAdapter:
+    runtime = _runtime(pipe)
+    if adapter_name is None:
+        if len(runtime.adapters) != 1:
+            raise CPEAdapterError(
+                f"{len(runtime.adapters)} CPE adapters are loaded ({sorted(runtime.adapters)}); pass adapter_name."
+            )
+        adapter_name = next(iter(runtime.adapters))
+    _check_names(runtime, [adapter_name])
+    return runtime.adapters[adapter_name]
+
+
+PIPELINE_METHODS = {
+    "load_cpe_adapter": load_cpe_adapter,
+    "set_cpe_adapters": set_cpe_adapters,
+    "get_active_cpe_adapters": get_active_cpe_adapters,
+    "list_cpe_adapters": list_cpe_adapters,
+    "get_cpe_adapter": get_cpe_adapter,
+    "disable_cpe_adapters": disable_cpe_adapters,
+    "enable_cpe_adapters": enable_cpe_adapters,
+    "unload_cpe_adapter": unload_cpe_adapter,
+    "save_cpe_adapter": save_cpe_adapter,
+    "push_cpe_adapter_to_hub": push_cpe_adapter_to_hub,
+    "clear_cpe_cache": clear_cpe_cache,
+}
+
+
+def register_pipeline_methods() -> list[str]:
+    """Add the operations as ``DiffusionPipeline`` methods, never replacing an existing attribute."""
+    from diffusers import DiffusionPipeline
+
+    added = []
+    for name, function in PIPELINE_METHODS.items():
+        if not hasattr(DiffusionPipeline, name):
+            setattr(DiffusionPipeline, name, function)
+            added.append(name)
+    return added

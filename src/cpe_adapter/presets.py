@@ -1,0 +1,82 @@
+"""Training presets of METHOD.md §4: one per domain of concepts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import CPEAdapterError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Hyper-parameters of one preset (every one can be overridden in ``train_cpe``).
+
+    Attributes:
+        name: preset name.
+        neutral: phrase the erased concept is moved toward.
+        eta: erase-target over-shoot.
+        anchor_weight: ``lambda_anc``, weight of the attention-anchoring loss.
+        residual_rank: ``r``.
+        gate_rank: ``m``.
+        anchor_samples: ``S``, anchors sampled per step.
+        adversaries: ``P``, learnable embedding perturbations per adversarial stage.
+        stages: number of erase stages (stage 0 has no adversary).
+        erase_iters: erase iterations per stage after the first.
+        first_stage_iters: erase iterations of stage 0.
+        attack_iters: iterations of each adversarial stage.
+        lr: learning rate of the erase stages after the first.
+        first_stage_lr: learning rate of stage 0.
+        attack_lr: learning rate of the adversary.
+        adversarial_weight: ``lambda_adv``.
+        alpha: residual strength.
+        similar_anchors: how many most-similar pool concepts are used as anchors.
+    """
+
+    name: str
+    neutral: str
+    eta: float
+    anchor_weight: float
+    residual_rank: int
+    gate_rank: int
+    anchor_samples: int
+    adversaries: int
+    stages: int
+    erase_iters: int
+    first_stage_iters: int
+    attack_iters: int
+    lr: float = 3e-5
+    first_stage_lr: float = 3e-4
+    attack_lr: float = 1e-2
+    adversarial_weight: float = 1.0
+    alpha: float = 1.0
+    similar_anchors: int = 50
+
+    def replace(self, **overrides: Any) -> Preset:
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise CPEAdapterError(f"Unknown hyper-parameter(s) {unknown}; valid ones are {sorted(fields)}.")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def total_erase_iters(self) -> int:
+        return self.first_stage_iters + (self.stages - 1) * self.erase_iters
+
+
+PRESETS: dict[str, Preset] = {
+    "names": Preset("names", "a person", 0.3, 1e5, 1, 16, 32, 16, 5, 450, 1800, 450),
+    "styles": Preset("styles", "real photograph", 0.5, 1e4, 1, 16, 16, 16, 10, 450, 1800, 450),
+    "explicit": Preset("explicit", "a person in modest clothing", 3.0, 1e4, 4, 64, 16, 32, 20, 1200, 2400, 1200),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; a clear error lists the valid ones."""
+    if name not in PRESETS:
+        raise CPEAdapterError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+    return PRESETS[name]

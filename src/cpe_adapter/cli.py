@@ -1,0 +1,361 @@
+"""The ``cpe-adapter`` command line: train, generate, eval, inspect, push, convert, demo.
+
+Exit codes: 0 on success, 2 on bad input (one-line reason on stderr), 1 on other failures.
+``--json`` prints one machine-readable JSON object on stdout instead of the human summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import CPEAdapterError
+
+TINY_PREFIX = "tiny:"
+
+
+class UsageError(CPEAdapterError):
+    """Bad command-line input."""
+
+
+# ----------------------------------------------------------------------------------- helpers
+def load_pipeline(base: str, device: str | None = None, dtype: str | None = None) -> Any:
+    """A text-to-image pipeline from a Hub id, a local diffusers folder or ``tiny:<kind>``."""
+    import torch
+
+    if base.startswith(TINY_PREFIX):
+        from .testing import tiny_pipeline
+
+        pipe = tiny_pipeline(base[len(TINY_PREFIX) :])
+    else:
+        from diffusers import DiffusionPipeline
+
+        kwargs: dict[str, Any] = {}
+        if dtype:
+            kwargs["torch_dtype"] = _dtype(dtype)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(base, **kwargs)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"Cannot load base model {base!r}: {str(err).splitlines()[0]}") from err
+    if device or dtype:
+        pipe.to(device or "cpu", _dtype(dtype) if dtype else None)
+    pipe.set_progress_bar_config(disable=True)
+    torch.set_grad_enabled(False)
+    return pipe
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+    table.update({"bfloat16": torch.bfloat16, "bf16": torch.bfloat16})
+    if name not in table:
+        raise UsageError(f"Unknown dtype {name!r}; choose float32, float16 or bfloat16.")
+    return table[name]
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    print(json.dumps(payload, indent=2, default=str) if args.json else text)
+
+
+def _concepts(args: argparse.Namespace) -> list[str]:
+    concepts = list(args.erase or [])
+    if args.erase_file:
+        path = Path(args.erase_file)
+        if not path.is_file():
+            raise UsageError(f"--erase-file {path} does not exist.")
+        concepts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not concepts:
+        raise UsageError("Nothing to erase: give --erase CONCEPT (repeatable) or --erase-file FILE.")
+    return concepts
+
+
+def _load_adapters(pipe: Any, sources: Sequence[str], scales: Sequence[float] | None = None) -> list[str]:
+    from .loaders import load_cpe_adapter, set_cpe_adapters
+
+    names = [load_cpe_adapter(pipe, source) for source in sources]
+    if scales:
+        if len(scales) != len(names):
+            raise UsageError(f"Got {len(scales)} --scale values for {len(names)} adapters.")
+        set_cpe_adapters(pipe, names, list(scales))
+    return names
+
+
+# ---------------------------------------------------------------------------------- commands
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .adapter import CPEAdapter
+
+    adapter = CPEAdapter.from_pretrained(args.adapter)
+    config = adapter.config
+    digest = adapter.digest()
+    hash_ok = None if config.weights_sha256 is None else config.weights_sha256 == digest
+    params = sum(p.numel() for p in adapter.parameters())
+    warnings = []
+    if hash_ok is False:
+        warnings.append("weights_sha256 does not match the weights: the file was modified after saving")
+    if args.base and config.base_model and args.base != config.base_model:
+        warnings.append(f"trained on {config.base_model}, not on {args.base}")
+    info = {
+        "concepts": [c.__dict__ for c in config.concepts],
+        "parameters": params,
+        "text_embed_dim": config.text_embed_dim,
+        "layers": len(config.target_layers),
+        "gate_rank": config.gate_rank,
+        "residual_rank": config.residual_rank,
+        "alpha": config.alpha,
+        "tie_gate_qk": config.tie_gate_qk,
+        "compatible_bases": f"UNets with {len(config.target_layers)} cross-attention projections reading "
+        f"{config.text_embed_dim}-d text (trained on {config.base_model or 'unknown'})",
+        "base_model": config.base_model,
+        "base_model_revision": config.base_model_revision,
+        "preset": config.preset,
+        "library_version": config.library_version,
+        "format_version": config.format_version,
+        "weights_sha256": config.weights_sha256,
+        "hash_verified": hash_ok,
+        "warnings": warnings,
+    }
+    lines = [f"CPE adapter {args.adapter}"]
+    lines += [f"  concept: {c.name!r} -> {c.neutral!r} (eta {c.eta})" for c in config.concepts]
+    lines += [
+        f"  size: {params:,} parameters, {len(config.target_layers)} projections, text dim {config.text_embed_dim}",
+        f"  ranks: gate m={config.gate_rank}, residual r={config.residual_rank}, alpha={config.alpha}",
+        f"  compatible bases: {info['compatible_bases']}",
+        f"  provenance: preset {config.preset}, cpe-adapter {config.library_version}, "
+        f"hash {'verified' if hash_ok else 'MISMATCH' if hash_ok is False else 'not recorded'}",
+    ]
+    lines += [f"  WARNING: {w}" for w in warnings]
+    _emit(args, info, "\n".join(lines))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .adapter import CPEAdapter
+
+    if not Path(args.directory).is_dir():
+        raise UsageError(f"{args.directory} is not a folder; push takes a saved adapter folder.")
+    adapter = CPEAdapter.from_pretrained(args.directory)
+    url = adapter.push_to_hub(args.repo, private=args.private, token=args.token, commit_message=args.message)
+    _emit(args, {"repo": args.repo, "commit_url": url}, f"Pushed {args.directory} to {args.repo}: {url}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .loaders import disable_cpe_adapters, enable_cpe_adapters
+    from .images import save_image_grid
+
+    pipe = load_pipeline(args.base, args.device, args.dtype)
+    names = _load_adapters(pipe, args.adapter, args.scale)
+
+    def render() -> Any:
+        generator = torch.Generator("cpu").manual_seed(args.seed)
+        kwargs = {"num_inference_steps": args.steps, "generator": generator}
+        if args.height:
+            kwargs.update(height=args.height, width=args.width or args.height)
+        return pipe(args.prompt, **kwargs).images[0]
+
+    after = render()
+    images, titles = [after], [f"erased ({', '.join(names)})"]
+    if args.compare:
+        disable_cpe_adapters(pipe)
+        images, titles = [render(), after], ["original", titles[0]]
+        enable_cpe_adapters(pipe)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if len(images) == 1:
+        after.save(out)
+    else:
+        save_image_grid(images, titles, out, suptitle=args.prompt)
+    _emit(args, {"out": str(out), "adapters": names}, f"Wrote {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import train_cpe
+
+    concepts = _concepts(args)
+    pipe = load_pipeline(args.base, args.device, None)
+    overrides: dict[str, Any] = {}
+    if args.neutral:
+        overrides["neutral"] = args.neutral
+    out = Path(args.out)
+    started = time.perf_counter()
+    adapter = train_cpe(
+        pipe,
+        concepts,
+        preset=args.preset,
+        steps=args.steps,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.json,
+        checkpoint_dir=out / "checkpoints",
+        resume_from=args.resume,
+        **overrides,
+    )
+    seconds = time.perf_counter() - started
+    adapter.config.base_model = adapter.config.base_model or args.base
+    adapter.save_pretrained(out)
+    payload = {"out": str(out), "concepts": concepts, "preset": args.preset, "seconds": round(seconds, 2)}
+    payload["losses"] = adapter.config.training.get("final_losses")
+    if args.push_to_hub:
+        payload["commit_url"] = adapter.push_to_hub(args.push_to_hub)
+    _emit(args, payload, f"Trained an eraser for {concepts} in {seconds:.1f} s; saved to {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+
+    pipe = load_pipeline(args.base, args.device, args.dtype)
+    names = _load_adapters(pipe, args.adapter)
+    configs = [c for name, c in __import__("cpe_adapter").list_cpe_adapters(pipe).items() if name in names]
+    erased = args.erase or [c.name for config in configs for c in config.concepts]
+    retained = args.retain or _default_retained(configs, erased)
+    report = evaluate(
+        pipe, erased, retained, attack=not args.no_attack, images=args.images, seed=args.seed, progress=not args.json
+    )
+    out = Path(args.out)
+    report.save(out)
+    _emit(args, report.to_dict(), report.to_markdown() + f"\nWrote {out}/report.json, report.md and plots")
+    return 0
+
+
+def _default_retained(configs: Sequence[Any], erased: Sequence[str]) -> list[str]:
+    from .pools import concept_pool
+
+    domain = next((c.preset for c in configs if c.preset), "styles")
+    lowered = [e.lower() for e in erased]
+    pool = [p for p in concept_pool(domain) if not any(e in p.lower() or p.lower() in e for e in lowered)]
+    return pool[:5]
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_reference_checkpoints
+
+    pipe = load_pipeline(args.base)
+    adapter = convert_reference_checkpoints(args.files, pipe, concepts=args.concept or None)
+    adapter.save_pretrained(args.out)
+    _emit(args, {"out": args.out, "concepts": adapter.config.concept_names}, f"Converted to {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(out_dir=args.out, steps=args.steps, progress=not args.json, kind=args.kind)
+    _emit(args, result, result.pop("text", ""))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpe-adapter", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--json", action="store_true", help="print a machine-readable JSON result")
+        p.set_defaults(handler=handler)
+        return p
+
+    base_help = "Hub id or local diffusers folder of the base model (tiny:sd, tiny:sd-semantic for built-ins)"
+    p = command("train", cmd_train, "Train an eraser for one or more concepts.")
+    p.add_argument("--base", required=True, help=base_help)
+    p.add_argument("--erase", action="append", help="concept to erase (repeatable)")
+    p.add_argument("--erase-file", help="file with one concept per line")
+    p.add_argument("--preset", default="names", choices=["names", "styles", "explicit"])
+    p.add_argument("--neutral", help="phrase the concepts are moved toward (default: the preset's)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub repo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="total erase iterations (default: the preset's schedule)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", help="dtype of the base model while encoding prompts (training runs in fp32)")
+    p.add_argument("--resume", metavar="DIR", help="checkpoint folder of an interrupted run")
+
+    p = command("generate", cmd_generate, "Generate an image with erasers applied.")
+    p.add_argument("--base", required=True, help=base_help)
+    p.add_argument("--adapter", action="append", required=True, help="adapter folder, file or Hub id (repeatable)")
+    p.add_argument("--scale", action="append", type=float, help="per-adapter scale (repeatable, in order)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--compare", action="store_true", help="write a before/after grid")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--device")
+    p.add_argument("--dtype")
+
+    p = command("eval", cmd_eval, "Evaluate erasers: erasure, preservation, attacks; writes a report.")
+    p.add_argument("--base", required=True, help=base_help)
+    p.add_argument("--adapter", action="append", required=True, help="adapter folder, file or Hub id (repeatable)")
+    p.add_argument("--erase", action="append", help="erased concept to test (default: the adapters' concepts)")
+    p.add_argument("--retain", action="append", help="concept that must be preserved (repeatable)")
+    p.add_argument("--suite", choices=["quick", "full"], default="quick", help="size of the evaluation")
+    p.add_argument("--no-attack", action="store_true", help="skip the red-teaming attacks")
+    p.add_argument("--images", action="store_true", help="also measure image shifts (slower)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.add_argument("--dtype")
+
+    p = command("inspect", cmd_inspect, "Show an adapter's concepts, sizes, dimensions and provenance.")
+    p.add_argument("adapter", help="adapter folder, .safetensors file or Hub id")
+    p.add_argument("--base", help="warn when the adapter was trained on another base model")
+
+    p = command("push", cmd_push, "Upload a saved adapter folder to the Hub with a model card.")
+    p.add_argument("directory")
+    p.add_argument("repo")
+    p.add_argument("--private", action="store_true", default=None)
+    p.add_argument("--token")
+    p.add_argument("--message", help="commit message")
+
+    p = command("convert", cmd_convert, "Convert reference-implementation CPE checkpoints to this format.")
+    p.add_argument("--base", required=True, help=base_help)
+    p.add_argument("files", nargs="+", help="one reference .safetensors per concept")
+    p.add_argument("--concept", action="append", help="concept name per file, in order")
+    p.add_argument("--out", required=True)
+
+    p = command("demo", cmd_demo, "Offline demo: train, save, reload, stack and evaluate on a tiny pipeline.")
+    p.add_argument("--out", default="outputs/demo", help="where the demo writes its adapters and report")
+    p.add_argument("--steps", type=int, help="erase iterations (default: a short schedule)")
+    p.add_argument("--kind", default="sd-semantic", help="built-in tiny pipeline kind")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except (CPEAdapterError, FileNotFoundError) as err:
+        print(f"cpe-adapter {args.command}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cpe-adapter {args.command}: interrupted", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - the CLI reports every other failure as exit code 1
+        print(f"cpe-adapter {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1

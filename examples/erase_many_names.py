@@ -1,0 +1,34 @@
+"""Erase 50 public figures with one adapter (concepts stacked on the concept axis).
+
+    python examples/erase_many_names.py --base stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda
+    python examples/erase_many_names.py --count 3 --steps 200      # quick, offline, tiny pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import cpe_adapter
+from cpe_adapter.cli import load_pipeline
+from cpe_adapter.pools import concept_pool
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="tiny:sd-semantic")
+    parser.add_argument("--count", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", default="outputs/erase-names")
+    args = parser.parse_args()
+
+    pipe = load_pipeline(args.base, args.device)
+    names = concept_pool("names")[: args.count]
+    adapter = cpe_adapter.train_cpe(pipe, names, preset="names", steps=args.steps, device=args.device)
+    adapter.save_pretrained(args.out)
+    print(f"{adapter.num_concepts} names erased by one adapter, saved to {args.out}")
+    print("train on several GPUs or machines with: accelerate launch examples/erase_many_names.py ...")
+
+
+if __name__ == "__main__":
+    main()

@@ -27,7 +27,6 @@ class UsageError(CPEAdapterError):
 # ----------------------------------------------------------------------------------- helpers
 def load_pipeline(base: str, device: str | None = None, dtype: str | None = None) -> Any:
     """A text-to-image pipeline from a Hub id, a local diffusers folder or ``tiny:<kind>``."""
-    import torch
 
     if base.startswith(TINY_PREFIX):
         from .testing import tiny_pipeline
@@ -42,11 +41,10 @@ def load_pipeline(base: str, device: str | None = None, dtype: str | None = None
         try:
             pipe = DiffusionPipeline.from_pretrained(base, **kwargs)
         except (OSError, ValueError) as err:
-            raise UsageError(f"Cannot load base model {base!r}: {str(err).splitlines()[0]}") from err
+            raise UsageError(f"Cannot load base model {base!r}: {err}") from err
     if device or dtype:
         pipe.to(device or "cpu", _dtype(dtype) if dtype else None)
     pipe.set_progress_bar_config(disable=True)
-    torch.set_grad_enabled(False)
     return pipe
 
 
@@ -151,8 +149,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .loaders import disable_cpe_adapters, enable_cpe_adapters
     from .images import save_image_grid
+    from .loaders import disable_cpe_adapters, enable_cpe_adapters
 
     pipe = load_pipeline(args.base, args.device, args.dtype)
     names = _load_adapters(pipe, args.adapter, args.scale)
@@ -240,13 +238,9 @@ def _default_retained(configs: Sequence[Any], erased: Sequence[str]) -> list[str
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_reference_checkpoints
+    from .convert import run_convert
 
-    pipe = load_pipeline(args.base)
-    adapter = convert_reference_checkpoints(args.files, pipe, concepts=args.concept or None)
-    adapter.save_pretrained(args.out)
-    _emit(args, {"out": args.out, "concepts": adapter.config.concept_names}, f"Converted to {args.out}")
-    return 0
+    return run_convert(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -322,17 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token")
     p.add_argument("--message", help="commit message")
 
-    p = command("convert", cmd_convert, "Convert reference-implementation CPE checkpoints to this format.")
-    p.add_argument("--base", required=True, help=base_help)
-    p.add_argument("files", nargs="+", help="one reference .safetensors per concept")
-    p.add_argument("--concept", action="append", help="concept name per file, in order")
-    p.add_argument("--out", required=True)
+    from .convert import add_convert_arguments
+
+    help_text = "Convert reference-implementation CPE checkpoints to this format."
+    add_convert_arguments(sub.add_parser("convert", help=help_text, description=help_text)).set_defaults(
+        handler=cmd_convert
+    )
 
     p = command("demo", cmd_demo, "Offline demo: train, save, reload, stack and evaluate on a tiny pipeline.")
     p.add_argument("--out", default="outputs/demo", help="where the demo writes its adapters and report")
     p.add_argument("--steps", type=int, help="erase iterations (default: a short schedule)")
     p.add_argument("--kind", default="sd-semantic", help="built-in tiny pipeline kind")
     return parser
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def _version() -> str:
@@ -348,14 +347,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    import torch
+
     try:
-        return int(args.handler(args) or 0)
+        with torch.inference_mode(args.command in ("generate", "inspect")):
+            return int(args.handler(args) or 0)
     except (CPEAdapterError, FileNotFoundError) as err:
-        print(f"cpe-adapter {args.command}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        print(f"cpe-adapter {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cpe-adapter {args.command}: interrupted", file=sys.stderr)
         return 1
-    except Exception as err:  # noqa: BLE001 - the CLI reports every other failure as exit code 1
-        print(f"cpe-adapter {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+    except Exception as err:
+        print(f"cpe-adapter {args.command}: failed: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
         return 1

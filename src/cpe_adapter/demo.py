@@ -1,0 +1,87 @@
+"""``cpe-adapter demo``: the whole life of an eraser on a built-in tiny pipeline, offline.
+
+Train an eraser for a painter, save it, reload it into a fresh pipeline, stack a second eraser
+(a public figure), and print before/after figures: erasure of the targets, drift of other concepts.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+DEMO_STYLE = "Van Gogh"
+DEMO_STYLE_PARAPHRASES = ["Vincent van Gogh"]
+DEMO_NAME = "Taylor Swift"
+DEMO_STEPS = 600
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def run_demo(
+    out_dir: str | Path = "outputs/demo", steps: int | None = None, progress: bool = True, kind: str = "sd-semantic"
+) -> dict[str, Any]:
+    """Run the demo; returns the figures (and a ``text`` summary for printing)."""
+    from .evaluation import evaluate
+    from .loaders import load_cpe_adapter, set_cpe_adapters
+    from .pools import concept_pool
+    from .testing import tiny_pipeline
+    from .training import train_cpe
+
+    out = Path(out_dir)
+    steps = steps or DEMO_STEPS
+    started = time.perf_counter()
+    lines = [f"cpe-adapter demo on tiny_pipeline({kind!r}), {steps} erase iterations per concept"]
+
+    pipe = tiny_pipeline(kind)
+    style = train_cpe(pipe, DEMO_STYLE, preset="styles", steps=steps, progress=progress)
+    style.save_pretrained(out / "erase-vangogh")
+    name = train_cpe(pipe, DEMO_NAME, preset="names", steps=steps, progress=progress)
+    name.save_pretrained(out / "erase-taylor-swift")
+    trained = time.perf_counter() - started
+    lines.append(f"trained 2 erasers in {trained:.1f} s; saved to {out}")
+
+    fresh = tiny_pipeline(kind)
+    load_cpe_adapter(fresh, out / "erase-vangogh", adapter_name="vangogh")
+    neighbours = [p for p in concept_pool("styles") if "gogh" not in p.lower()][:5]
+    unrelated = ["a red car parked on a street", "a bowl of fruit on a table"]
+    single = evaluate(
+        fresh,
+        [DEMO_STYLE],
+        neighbours + unrelated,
+        paraphrases={DEMO_STYLE: DEMO_STYLE_PARAPHRASES},
+        attack=False,
+        progress=progress,
+    ).to_dict()
+
+    load_cpe_adapter(fresh, out / "erase-taylor-swift", adapter_name="taylor")
+    set_cpe_adapters(fresh, ["vangogh", "taylor"], scales=[1.0, 1.0])
+    stacked_report = evaluate(
+        fresh, [DEMO_STYLE, DEMO_NAME], neighbours + unrelated + ["Barack Obama"], attack=True, progress=progress
+    )
+    stacked_report.save(out / "report")
+    stacked = stacked_report.to_dict()
+    seconds = time.perf_counter() - started
+
+    lines += [
+        "",
+        "reloaded 'vangogh' into a fresh pipeline:",
+        f"  erase_score on {DEMO_STYLE!r}: {_fmt(single['erase_score'])} (0 = untouched, 1 = reached the target)",
+        f"  paraphrase_erase_score ({DEMO_STYLE_PARAPHRASES[0]!r}): {_fmt(single.get('paraphrase_erase_score'))}",
+        f"  retain_drift on {len(neighbours)} other painters + {len(unrelated)} unrelated prompts: "
+        f"{_fmt(single['retain_drift'])} (0 = untouched)",
+        "",
+        "stacked 'vangogh' + 'taylor':",
+    ]
+    for concept, figures in stacked["per_concept"].items():
+        if "erase_score" in figures:
+            lines.append(f"  {concept!r}: erase_score {_fmt(figures['erase_score'])}")
+    lines += [
+        f"  retain_drift: {_fmt(stacked['retain_drift'])}",
+        f"  attack_recovery (prompt attack): {_fmt(stacked.get('attack_recovery'))}",
+        f"  embedding_attack_recovery: {_fmt(stacked.get('embedding_attack_recovery'))}",
+        f"report: {out / 'report'}/report.md; done in {seconds:.1f} s",
+    ]
+    return {"single": single, "stacked": stacked, "seconds": round(seconds, 2), "text": "\n".join(lines)}

@@ -25,6 +25,7 @@ from .loaders import (
     set_cpe_adapters,
     unload_cpe_adapter,
 )
+from .provenance import verify_adapter
 
 register_pipeline_methods()
 
@@ -49,4 +50,5 @@ __all__ = [
     "save_cpe_adapter",
     "set_cpe_adapters",
     "unload_cpe_adapter",
+    "verify_adapter",
 ]

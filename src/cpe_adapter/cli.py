@@ -88,17 +88,17 @@ def _load_adapters(pipe: Any, sources: Sequence[str], scales: Sequence[float] | 
 # ---------------------------------------------------------------------------------- commands
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .adapter import CPEAdapter
+    from .provenance import verify_adapter
 
     adapter = CPEAdapter.from_pretrained(args.adapter)
     config = adapter.config
-    digest = adapter.digest()
-    hash_ok = None if config.weights_sha256 is None else config.weights_sha256 == digest
+    warnings = verify_adapter(adapter, base_model=args.base)
+    hash_ok = None if config.weights_sha256 is None else not any("weights_sha256" in w for w in warnings)
     params = sum(p.numel() for p in adapter.parameters())
-    warnings = []
-    if hash_ok is False:
-        warnings.append("weights_sha256 does not match the weights: the file was modified after saving")
-    if args.base and config.base_model and args.base != config.base_model:
-        warnings.append(f"trained on {config.base_model}, not on {args.base}")
+    compatible = (
+        f"UNets with {len(config.target_layers)} cross-attention projections reading {config.text_embed_dim}-d "
+        f"text (trained on {config.base_model or 'unknown'})"
+    )
     info = {
         "concepts": [c.__dict__ for c in config.concepts],
         "parameters": params,
@@ -108,8 +108,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "residual_rank": config.residual_rank,
         "alpha": config.alpha,
         "tie_gate_qk": config.tie_gate_qk,
-        "compatible_bases": f"UNets with {len(config.target_layers)} cross-attention projections reading "
-        f"{config.text_embed_dim}-d text (trained on {config.base_model or 'unknown'})",
+        "compatible_bases": compatible,
         "base_model": config.base_model,
         "base_model_revision": config.base_model_revision,
         "preset": config.preset,
@@ -119,16 +118,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "hash_verified": hash_ok,
         "warnings": warnings,
     }
+    verdict = {True: "verified", False: "MISMATCH", None: "not recorded"}[hash_ok]
     lines = [f"CPE adapter {args.adapter}"]
     lines += [f"  concept: {c.name!r} -> {c.neutral!r} (eta {c.eta})" for c in config.concepts]
     lines += [
         f"  size: {params:,} parameters, {len(config.target_layers)} projections, text dim {config.text_embed_dim}",
         f"  ranks: gate m={config.gate_rank}, residual r={config.residual_rank}, alpha={config.alpha}",
-        f"  compatible bases: {info['compatible_bases']}",
-        f"  provenance: preset {config.preset}, cpe-adapter {config.library_version}, "
-        f"hash {'verified' if hash_ok else 'MISMATCH' if hash_ok is False else 'not recorded'}",
+        f"  compatible bases: {compatible}",
+        f"  provenance: preset {config.preset}, cpe-adapter {config.library_version}, weights hash {verdict}",
     ]
-    lines += [f"  WARNING: {w}" for w in warnings]
     _emit(args, info, "\n".join(lines))
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +22,19 @@ CONFIG_NAME = "cpe_config.json"
 WEIGHTS_NAME = "cpe_adapter.safetensors"
 METADATA_KEY = "cpe_adapter_metadata"
 FORMAT_VERSION = 1
+# Refuse configs that would allocate more than this many parameters (8 GB in fp32): a hostile or
+# corrupt file must not be able to exhaust memory before its weights are checked.
+MAX_PARAMETERS = 2_000_000_000
+# The largest cpe_config.json read; real configs are a few kB, even with thousands of layers.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -39,8 +53,19 @@ class ConceptSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ConceptSpec:
+        if not isinstance(data, dict):
+            raise CPEAdapterError(f"Each CPEConfig.concepts entry must be an object, got {data!r:.80}.")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def validate(self) -> None:
+        """Names are non-empty strings and ``eta`` a finite number; raises :class:`CPEAdapterError`."""
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise CPEAdapterError(f"A concept name must be a non-empty string, got {self.name!r:.80}.")
+        if not isinstance(self.neutral, str):
+            raise CPEAdapterError(f"The neutral phrase of {self.name!r} must be a string, got {self.neutral!r:.80}.")
+        if not _is_finite_number(self.eta):
+            raise CPEAdapterError(f"eta of concept {self.name!r} must be a finite number, got {self.eta!r:.80}.")
 
 
 @dataclass
@@ -53,7 +78,20 @@ class TargetLayer:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TargetLayer:
-        return cls(name=str(data["name"]), in_features=int(data["in_features"]), out_features=int(data["out_features"]))
+        if not isinstance(data, dict):
+            raise CPEAdapterError(f"Each CPEConfig.target_layers entry must be an object, got {data!r:.80}.")
+        return cls(name=data["name"], in_features=data["in_features"], out_features=data["out_features"])
+
+    def validate(self) -> None:
+        """A non-empty string name and positive integer dimensions; raises :class:`CPEAdapterError`."""
+        if not isinstance(self.name, str) or not self.name:
+            raise CPEAdapterError(f"A target layer name must be a non-empty string, got {self.name!r:.80}.")
+        for key in ("in_features", "out_features"):
+            value = getattr(self, key)
+            if not _is_int(value) or not 0 < value <= 1_000_000:
+                raise CPEAdapterError(
+                    f"Target layer {self.name!r:.120} has {key}={value!r:.40}; expected a positive integer."
+                )
 
 
 @dataclass
@@ -98,10 +136,10 @@ class CPEConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if not isinstance(self.concepts, (list, tuple)) or not isinstance(self.target_layers, (list, tuple)):
+            raise CPEAdapterError("CPEConfig.concepts and CPEConfig.target_layers must be lists.")
         self.concepts = [c if isinstance(c, ConceptSpec) else ConceptSpec.from_dict(c) for c in self.concepts]
-        self.target_layers = [
-            t if isinstance(t, TargetLayer) else TargetLayer.from_dict(t) for t in self.target_layers
-        ]
+        self.target_layers = [t if isinstance(t, TargetLayer) else TargetLayer.from_dict(t) for t in self.target_layers]
         self.validate()
 
     @property
@@ -121,9 +159,26 @@ class CPEConfig:
         for key in ("text_embed_dim", "gate_rank", "residual_rank"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 1_000_000:
-                raise CPEAdapterError(f"CPEConfig.{key} must be a positive integer, got {value!r}.")
-        if not isinstance(self.alpha, (int, float)) or self.alpha != self.alpha:
-            raise CPEAdapterError(f"CPEConfig.alpha must be a number, got {self.alpha!r}.")
+                raise CPEAdapterError(f"CPEConfig.{key} must be a positive integer, got {value!r:.40}.")
+        if not _is_finite_number(self.alpha):
+            raise CPEAdapterError(f"CPEConfig.alpha must be a finite number, got {self.alpha!r:.80}.")
+        if not isinstance(self.tie_gate_qk, bool):
+            raise CPEAdapterError(f"CPEConfig.tie_gate_qk must be true or false, got {self.tie_gate_qk!r:.80}.")
+        for key in ("name", "base_model", "base_model_revision", "preset", "library_version", "weights_sha256"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise CPEAdapterError(f"CPEConfig.{key} must be a string or null, got {value!r:.80}.")
+        for key in ("training", "evaluation"):
+            if not isinstance(getattr(self, key), dict):
+                raise CPEAdapterError(f"CPEConfig.{key} must be a JSON object, got {getattr(self, key)!r:.80}.")
+        if not _is_int(self.format_version) or not 1 <= self.format_version <= FORMAT_VERSION:
+            raise CPEAdapterError(
+                f"CPEConfig.format_version must be from 1 to {FORMAT_VERSION}, got {self.format_version!r:.40}."
+            )
+        for concept in self.concepts:
+            concept.validate()
+        for layer in self.target_layers:
+            layer.validate()
         names = self.layer_names
         if len(set(names)) != len(names):
             raise CPEAdapterError("CPEConfig.target_layers lists a layer twice.")
@@ -133,8 +188,19 @@ class CPEConfig:
                     f"Target layer {layer.name!r} reads {layer.in_features}-d input but text_embed_dim is "
                     f"{self.text_embed_dim}."
                 )
-            if not 0 < layer.out_features <= 1_000_000:
-                raise CPEAdapterError(f"Target layer {layer.name!r} has out_features={layer.out_features}.")
+        if self.num_parameters > MAX_PARAMETERS:
+            raise CPEAdapterError(
+                f"This CPEConfig describes {self.num_parameters:,} parameters, more than the {MAX_PARAMETERS:,} any "
+                "real CPE adapter needs; the config is corrupt or hostile. Check text_embed_dim, the ranks, the "
+                "concepts and the target layers."
+            )
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count the config implies: per concept ``2 d m + d`` (gate) plus ``d r + r d_out`` per layer."""
+        d, m, r = self.text_embed_dim, self.gate_rank, self.residual_rank
+        per_concept = 2 * d * m + d + sum(d * r + r * t.out_features for t in self.target_layers)
+        return self.num_concepts * per_concept
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,8 +214,10 @@ class CPEConfig:
         if not isinstance(data, dict):
             raise AdapterFileError(f"A CPE config must be a JSON object, got {type(data).__name__}.")
         version = data.get("format_version", FORMAT_VERSION)
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise AdapterFileError(f"format_version must be an integer, got {version!r}.")
+        if not _is_int(version) or version < 1:
+            raise AdapterFileError(
+                f"format_version must be a positive integer, got {version!r:.40}; the config is corrupt. Re-save it."
+            )
         if version > FORMAT_VERSION:
             raise AdapterFileError(
                 f"This adapter uses format_version {version}, but this cpe-adapter understands up to "
@@ -158,7 +226,9 @@ class CPEConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            warnings.warn(f"Ignoring unknown CPEConfig keys (written by a newer version?): {unknown}", stacklevel=2)
+            warnings.warn(
+                f"Ignoring unknown CPEConfig keys (written by a newer version?): {unknown[:10]}", stacklevel=2
+            )
         try:
             return cls(**{k: v for k, v in data.items() if k in known})
         except (TypeError, KeyError, AttributeError) as err:
@@ -166,9 +236,13 @@ class CPEConfig:
 
     @classmethod
     def from_json_string(cls, text: str) -> CPEConfig:
+        if len(text) > MAX_CONFIG_BYTES:
+            raise AdapterFileError(
+                f"The CPE config has {len(text):,} characters; real ones have a few thousand (corrupt)."
+            )
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             raise AdapterFileError(f"{CONFIG_NAME} is not valid JSON ({err}); the file is corrupt.") from err
         return cls.from_dict(data)
 
@@ -184,6 +258,7 @@ class CPEConfig:
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> CPEConfig:
         """Read ``cpe_config.json`` from a folder, a config file, or a Hub repo."""
         from .hub import resolve_file
+        from .serialization import read_config_text
 
         path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **hub_kwargs)
-        return cls.from_json_string(Path(path).read_text(encoding="utf-8"))
+        return cls.from_json_string(read_config_text(path))

@@ -11,19 +11,32 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from huggingface_hub import HfApi, hf_hub_download
+import torch
+from huggingface_hub import HfApi, errors, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 
 from .adapter import CPEAdapter
-from .config import CONFIG_NAME, WEIGHTS_NAME, CPEConfig
+from .config import CONFIG_NAME, METADATA_KEY, WEIGHTS_NAME, CPEConfig
 from .errors import AdapterFileError, CPEAdapterError
-from .serialization import PICKLE_SUFFIXES, config_from_metadata, load_weights, read_metadata, save_weights
+from .serialization import (
+    PICKLE_SUFFIXES,
+    config_from_metadata,
+    load_weights,
+    read_config_text,
+    read_metadata,
+    save_weights,
+)
+
+# Transport failures (connection reset, truncated body after the client's own retries): the HTTP
+# library's base error where huggingface_hub exports it, OSError otherwise (requests-based versions).
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (getattr(errors, "HTTPError", OSError), OSError)
 
 HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir", "local_files_only", "weight_name")
 
@@ -53,11 +66,12 @@ def resolve_file(
     filename = _safe_relative(filename, "weight_name") or WEIGHTS_NAME
     subfolder = _safe_relative(subfolder, "subfolder")
     local = Path(source)
-    if local.is_file():
+    if _probe(local, Path.is_file):
         return local
-    if local.is_dir():
+    if _probe(local, Path.is_dir):
         path = local / (subfolder or "") / filename
-        if path.is_file():
+        if _probe(path, Path.is_file):
+            _check_inside(path, local)
             return path
         if required:
             raise AdapterFileError(f"No {filename} in {local / (subfolder or '')}; is this a cpe-adapter folder?")
@@ -77,17 +91,18 @@ def resolve_file(
                 local_files_only=bool(local_files_only),
             )
         )
-    except EntryNotFoundError as err:
-        if not required:
-            return None
-        raise AdapterFileError(f"The Hub repo {source!r} has no file {filename!r} (subfolder={subfolder!r}).") from err
     except LocalEntryNotFoundError as err:
+        # Before EntryNotFoundError, its base class: "offline" must not read as "no such file".
         if not required:
             return None
         raise AdapterFileError(
             f"{filename!r} of {source!r} is not in the local Hub cache and cannot be downloaded (offline or "
             f"local_files_only). Connect, or download it first with `huggingface-cli download {source}`."
         ) from err
+    except EntryNotFoundError as err:
+        if not required:
+            return None
+        raise AdapterFileError(f"The Hub repo {source!r} has no file {filename!r} (subfolder={subfolder!r}).") from err
     except RevisionNotFoundError as err:
         raise AdapterFileError(f"The Hub repo {source!r} has no revision {revision!r}.") from err
     except RepositoryNotFoundError as err:
@@ -95,8 +110,43 @@ def resolve_file(
             f"{source!r} is neither a local path nor an accessible Hub repo (missing, private without a token, "
             "or misspelled)."
         ) from err
-    except HfHubHTTPError as err:
-        raise AdapterFileError(f"Downloading {filename!r} from {source!r} failed: {err}") from err
+    except HFValidationError as err:
+        raise AdapterFileError(
+            f"{source!r} is neither an existing local path nor a valid Hub repo id ({err})."
+        ) from err
+    except (HfHubHTTPError, *TRANSPORT_ERRORS) as err:
+        raise AdapterFileError(
+            f"Downloading {filename!r} from the Hub repo {source!r} failed: {err}. Retry when the connection works (an "
+            "interrupted download is resumed, never used half-written)."
+        ) from err
+
+
+def _probe(path: Path, test: Any) -> bool:
+    """``path.is_file()`` / ``is_dir()`` that answers False for names the OS refuses (too long, NUL bytes)."""
+    try:
+        return bool(test(path))
+    except (OSError, ValueError):
+        return False
+
+
+def _check_inside(path: Path, folder: Path) -> None:
+    """Refuse a file that resolves (through symlinks) outside ``folder``: adapters read only their own files."""
+    resolved, root = path.resolve(), folder.resolve()
+    if not resolved.is_relative_to(root):
+        raise AdapterFileError(
+            f"{path} resolves to {resolved}, outside the adapter folder {root}. Copy the file into the folder "
+            "instead of linking to it."
+        )
+
+
+def _check_finite(adapter: CPEAdapter) -> None:
+    """Refuse an in-memory adapter with NaN or infinite parameters (files get the same check on load)."""
+    for name, param in adapter.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise AdapterFileError(
+                f"Adapter parameter {name!r} contains NaN or infinite values; the adapter is broken (check its "
+                "training run) and would turn every erased image into NaN."
+            )
 
 
 def load_adapter(
@@ -111,6 +161,7 @@ def load_adapter(
 ) -> CPEAdapter:
     """Read an adapter from any accepted source (see ``load_cpe_adapter``); nothing is attached."""
     if isinstance(source, CPEAdapter):
+        _check_finite(source)
         return source
     if isinstance(source, (tuple, list)) and len(source) == 2 and isinstance(source[0], dict):
         state_dict, config = source
@@ -130,27 +181,55 @@ def load_adapter(
     hub = {"subfolder": subfolder, "revision": revision, "token": token, "cache_dir": cache_dir}
     hub["local_files_only"] = local_files_only
     weights = resolve_file(source, weight_name or WEIGHTS_NAME, **hub)
-    if Path(source).is_file():
+    if _probe(Path(source), Path.is_file):
         config = config_from_metadata(read_metadata(weights), str(weights))
     else:
         config_path = resolve_file(source, CONFIG_NAME, required=False, **hub)
         if config_path is not None:
-            config = CPEConfig.from_json_string(_read_text(config_path))
+            config = CPEConfig.from_json_string(read_config_text(config_path))
+            _check_header_agrees(config, read_metadata(weights), weights)
         else:
             config = config_from_metadata(read_metadata(weights), str(weights))
     tensors = load_weights(weights, CPEAdapter.file_shapes(config))
     return CPEAdapter.from_state_dict(tensors, config)
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise AdapterFileError(f"{path} is not UTF-8 text; the config file is corrupt.") from err
+# Fields that decide what the weights compute; cpe_config.json and the header copy must agree on them.
+STRUCTURAL_FIELDS = (
+    "concept_names",
+    "text_embed_dim",
+    "target_layers",
+    "gate_rank",
+    "residual_rank",
+    "alpha",
+    "tie_gate_qk",
+)
 
 
-def save_adapter_folder(adapter: CPEAdapter, save_directory: str | os.PathLike, *, model_card: bool = True) -> Path:
-    """Write weights (with the config in their header), ``cpe_config.json`` and a model card."""
+def _check_header_agrees(config: CPEConfig, metadata: dict[str, str], weights: Path) -> None:
+    """Refuse a folder whose ``cpe_config.json`` describes other weights than the file's own header copy.
+
+    A mismatch means an edited or half-replaced folder (e.g. a save interrupted between the two
+    files): which concepts the weights erase is then unknown, so loading fails instead of guessing.
+    """
+    if METADATA_KEY not in metadata:
+        return
+    header = config_from_metadata(metadata, str(weights))
+    differing = [key for key in STRUCTURAL_FIELDS if getattr(header, key) != getattr(config, key)]
+    if differing:
+        raise AdapterFileError(
+            f"{CONFIG_NAME} and the config inside {weights.name} disagree on {differing}; the folder was edited "
+            "or only partly replaced. Re-save the adapter, or re-download it."
+        )
+
+
+def save_adapter_folder(
+    adapter: CPEAdapter, save_directory: str | os.PathLike, *, model_card: bool = True, repo_id: str | None = None
+) -> Path:
+    """Write weights (with the config in their header), ``cpe_config.json`` and a model card.
+
+    ``repo_id``: the Hub repo the folder is for, so the card's usage snippet loads from it.
+    """
     from . import __version__
     from .model_card import write_model_card
 
@@ -166,7 +245,7 @@ def save_adapter_folder(adapter: CPEAdapter, save_directory: str | os.PathLike, 
     save_weights(folder / WEIGHTS_NAME, tensors, config)
     config.save_pretrained(folder)
     if model_card:
-        write_model_card(config, folder)
+        write_model_card(config, folder, repo_id=repo_id)
     return folder
 
 
@@ -183,7 +262,7 @@ def push_adapter(
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory() as tmp:
-        save_adapter_folder(adapter, tmp)
+        save_adapter_folder(adapter, tmp, repo_id=repo_id)
         info = api.upload_folder(
             repo_id=repo_id,
             folder_path=tmp,

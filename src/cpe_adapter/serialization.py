@@ -11,12 +11,23 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from .config import METADATA_KEY, CPEConfig
+from .config import MAX_CONFIG_BYTES, METADATA_KEY, CPEConfig
 from .errors import AdapterFileError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # A safetensors header is a little-endian u64 length followed by that much JSON.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import (os.umask can only be read by setting it, which is not thread-safe later):
+# saved files get the permissions a plain open() would give them, not mkstemp's private 0o600.
+FILE_MODE = 0o666 & ~_current_umask()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -33,10 +44,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: CPEConfig) -> None:
@@ -48,16 +75,34 @@ def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], conf
 def refuse_pickle(path: str | os.PathLike) -> None:
     """Raise a clear error for files that would need unpickling to read."""
     path = Path(path)
-    head = b""
+    head, size = b"", 0
     if path.is_file():
+        size = path.stat().st_size
         with open(path, "rb") as handle:
-            head = handle.read(8)
-    looks_pickled = head[:1] == b"\x80" or head[:2] == b"PK"
+            head = handle.read(9)
+    # A safetensors file starts with its header length (u64, little-endian) and then "{"; its first
+    # byte may be 0x80 like a pickle's, so only content that is not a plausible header counts.
+    header_like = head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
+    looks_pickled = not header_like and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04")
     if path.suffix.lower() in PICKLE_SUFFIXES or looks_pickled:
         raise AdapterFileError(
             f"{path.name} looks like a pickle/torch.save file. cpe-adapter reads only .safetensors weights "
             "(pickle files can run arbitrary code). Convert it with safetensors.torch.save_file first."
         )
+
+
+def read_config_text(path: str | os.PathLike) -> str:
+    """The text of a ``cpe_config.json``, refusing oversized or non-UTF-8 files before decoding them."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise AdapterFileError(
+            f"{path} is {size:,} bytes; a cpe_config.json has a few kB. The file is corrupt or not an adapter config."
+        )
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise AdapterFileError(f"{path} is not UTF-8 text; the config file is corrupt.") from err
 
 
 def _check_header(path: Path) -> None:

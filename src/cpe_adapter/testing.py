@@ -362,4 +362,5 @@ def tiny_pipeline(kind: str = "sd", seed: int = 0) -> DiffusionPipeline:
         if isinstance(component, torch.nn.Module):
             component.eval()
     pipe.set_progress_bar_config(disable=True)
+    pipe.register_to_config(_name_or_path=f"tiny:{kind}")
     return pipe

@@ -222,9 +222,7 @@ def _ranged(data: bytes, range_header: str | None, headers: dict[str, str]) -> _
         error = _HubError(416, "Requested range not satisfiable")
         error.headers["Content-Range"] = f"bytes */{len(data)}"
         raise error
-    return _Response(
-        206, data[start : end + 1], {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}
-    )
+    return _Response(206, data[start : end + 1], {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"})
 
 
 _REPO = r"(?P<repo>[^/]+(?:/[^/]+)?)"
@@ -441,9 +439,7 @@ class FakeHub:
 
     # Store internals (callers hold the lock)
 
-    def _create_repo(
-        self, repo_id: str, repo_type: str, private: bool, files: dict[str, _StoredFile]
-    ) -> _Repo:
+    def _create_repo(self, repo_id: str, repo_type: str, private: bool, files: dict[str, _StoredFile]) -> _Repo:
         if repo_type not in REPO_TYPES:
             raise ValueError(f"Unknown repo type: {repo_type}")
         if (repo_type, repo_id) in self._repos:
@@ -456,9 +452,7 @@ class FakeHub:
     def _new_commit(self, repo: _Repo, branch: str, files: dict[str, _StoredFile], message: str) -> _Commit:
         parent = repo.branches.get(branch)
         self._sequence += 1
-        digest = hashlib.sha1(
-            f"{repo.repo_type}/{repo.repo_id}\n{parent}\n{self._sequence}\n{message}\n".encode()
-        )
+        digest = hashlib.sha1(f"{repo.repo_type}/{repo.repo_id}\n{parent}\n{self._sequence}\n{message}\n".encode())
         for path in sorted(files):
             digest.update(f"{path}\0{files[path].oid}\n".encode())
         commit = _Commit(digest.hexdigest(), parent, message, files, datetime.now(timezone.utc))
@@ -666,9 +660,7 @@ class FakeHub:
         elif revision in repo.branches:
             branch = revision
         else:
-            raise _HubError(
-                404, f"Invalid rev id: {revision} (commits must target a branch)", "RevisionNotFound"
-            )
+            raise _HubError(404, f"Invalid rev id: {revision} (commits must target a branch)", "RevisionNotFound")
         head = repo.commits[repo.branches[branch]]
         parent = header.get("parentCommit")
         if parent and not head.sha.startswith(parent):
@@ -901,9 +893,7 @@ def configure_hf_endpoint(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> Non
     host = urlsplit(endpoint).hostname or ""
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-    )
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(_git_credential, "ENDPOINT", endpoint)
     monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
     if hasattr(constants, "HF_URL_HOSTS"):

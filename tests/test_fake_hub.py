@@ -34,9 +34,7 @@ REPO = "acme/tiny-adapter"
 
 def _read_tree(root: str | Path) -> dict[str, bytes]:
     root = Path(root)
-    return {
-        path.relative_to(root).as_posix(): path.read_bytes() for path in root.rglob("*") if path.is_file()
-    }
+    return {path.relative_to(root).as_posix(): path.read_bytes() for path in root.rglob("*") if path.is_file()}
 
 
 def test_fixture_points_huggingface_hub_at_the_fake(fake_hub: FakeHub) -> None:
@@ -206,9 +204,7 @@ def test_disconnect_fault_drops_the_connection_without_an_answer(fake_hub: FakeH
     assert HfApi().model_info(REPO).sha == fake_hub.resolve(REPO)
 
 
-def test_truncated_download_is_resumed_with_a_range_request(
-    fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_truncated_download_is_resumed_with_a_range_request(fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1024)
     data = bytes(range(256)) * 40
     fake_hub.add_file(REPO, "adapter.bin", data)
@@ -229,9 +225,7 @@ def test_unknown_endpoints_get_a_clear_404_and_are_logged(fake_hub: FakeHub) -> 
     assert fake_hub.unhandled == [("GET", "/api/spaces-hardware")]
 
 
-def test_fake_hub_runs_standalone_with_an_explicit_endpoint(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_fake_hub_runs_standalone_with_an_explicit_endpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     hub = FakeHub()

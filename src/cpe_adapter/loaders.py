@@ -7,6 +7,7 @@ changes state, so a failed call leaves already loaded adapters exactly as they w
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Sequence
@@ -102,6 +103,10 @@ def load_cpe_adapter(
         name = _unique(_default_name(pretrained_model_name_or_path_or_dict, adapter.config), runtime.adapters)
     adapter = runtime.in_layer_order(adapter)
     reference = next(denoiser.parameters())
+    if any(p.device != reference.device or p.dtype != reference.dtype for p in adapter.parameters()):
+        # Convert a copy: an adapter object the caller passed (perhaps loaded into another pipeline
+        # too) must keep its own device and precision.
+        adapter = copy.deepcopy(adapter)
     adapter = adapter.to(device=reference.device, dtype=reference.dtype).requires_grad_(False).eval()
     if existing is None:
         runtime.attach()
@@ -185,10 +190,14 @@ def unload_cpe_adapter(pipe: Any, adapter_names: str | Sequence[str] | None = No
         if adapter_names is None:
             return
         raise CPEAdapterError("No CPE adapters are loaded.")
-    names = list(runtime.adapters) if adapter_names is None else (
-        [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    names = (
+        list(runtime.adapters)
+        if adapter_names is None
+        else ([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
     )
     _check_names(runtime, names)
+    if len(set(names)) != len(names):
+        raise CPEAdapterError(f"Adapter names repeat in {names}; name each adapter to unload once.")
     for name in names:
         runtime.adapters.pop(name)
         runtime.scales.pop(name, None)

@@ -1,7 +1,7 @@
 """Erase 50 public figures with one adapter (concepts stacked on the concept axis).
 
-    python examples/erase_many_names.py --base stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda
-    python examples/erase_many_names.py --count 3 --steps 200      # quick, offline, tiny pipeline
+python examples/erase_many_names.py --base stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda
+python examples/erase_many_names.py --count 3 --steps 200      # quick, offline, tiny pipeline
 """
 
 from __future__ import annotations

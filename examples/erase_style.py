@@ -1,7 +1,7 @@
 """Erase an artist's style, save the eraser, and compare images before and after.
 
-    python examples/erase_style.py --base stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda
-    python examples/erase_style.py            # offline, on the built-in tiny pipeline
+python examples/erase_style.py --base stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda
+python examples/erase_style.py            # offline, on the built-in tiny pipeline
 """
 
 from __future__ import annotations

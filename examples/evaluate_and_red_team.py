@@ -1,6 +1,6 @@
 """Prove an eraser works and keeps everything else, and look for its holes.
 
-    python examples/evaluate_and_red_team.py --adapter outputs/erase-style
+python examples/evaluate_and_red_team.py --adapter outputs/erase-style
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Upload a trained eraser to the Hugging Face Hub with a generated model card.
 
-    huggingface-cli login
-    python examples/push_to_hub.py outputs/erase-style my-org/erase-vangogh --private
+huggingface-cli login
+python examples/push_to_hub.py outputs/erase-style my-org/erase-vangogh --private
 """
 
 from __future__ import annotations

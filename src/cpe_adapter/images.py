@@ -10,7 +10,9 @@ from PIL import Image, ImageDraw
 CAPTION_HEIGHT = 16
 
 
-def image_grid(images: Sequence[Image.Image], titles: Sequence[str] | None = None, columns: int | None = None) -> Image.Image:
+def image_grid(
+    images: Sequence[Image.Image], titles: Sequence[str] | None = None, columns: int | None = None
+) -> Image.Image:
     """Paste ``images`` (same size) into a grid, each with its caption above it."""
     if not images:
         raise ValueError("image_grid needs at least one image.")

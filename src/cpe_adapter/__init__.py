@@ -26,6 +26,7 @@ from .loaders import (
     unload_cpe_adapter,
 )
 from .provenance import verify_adapter
+from .training import train_cpe
 
 register_pipeline_methods()
 
@@ -49,6 +50,7 @@ __all__ = [
     "push_cpe_adapter_to_hub",
     "save_cpe_adapter",
     "set_cpe_adapters",
+    "train_cpe",
     "unload_cpe_adapter",
     "verify_adapter",
 ]

@@ -182,7 +182,15 @@ class CPEAdapter(nn.Module):
         from .presets import get_preset
 
         settings = get_preset(preset)
-        config_fields = {"gate_rank", "residual_rank", "alpha", "tie_gate_qk", "name", "base_model", "base_model_revision"}
+        config_fields = {
+            "gate_rank",
+            "residual_rank",
+            "alpha",
+            "tie_gate_qk",
+            "name",
+            "base_model",
+            "base_model_revision",
+        }
         config_overrides = {k: overrides.pop(k) for k in list(overrides) if k in config_fields}
         neutral = overrides.pop("neutral", settings.neutral)
         eta = overrides.pop("eta", settings.eta)
@@ -234,7 +242,9 @@ class CPEAdapter(nn.Module):
                 == (first.gate_rank, first.residual_rank, first.alpha, first.tie_gate_qk)
             )
             if not same:
-                raise CPEAdapterError("Only adapters with the same layers, ranks, alpha and tie_gate_qk can be stacked.")
+                raise CPEAdapterError(
+                    "Only adapters with the same layers, ranks, alpha and tie_gate_qk can be stacked."
+                )
         config = CPEConfig.from_dict(
             {**first.to_dict(), "concepts": [c for a in adapters for c in a.config.to_dict()["concepts"]], "name": name}
         )
@@ -270,7 +280,9 @@ class CPEAdapter(nn.Module):
         """Upload to the Hub (repo created if needed) with a model card; returns the commit URL."""
         from .hub import push_adapter
 
-        return push_adapter(self, repo_id, private=private, token=token, commit_message=commit_message, revision=revision)
+        return push_adapter(
+            self, repo_id, private=private, token=token, commit_message=commit_message, revision=revision
+        )
 
     def extra_repr(self) -> str:
         cfg = self.config

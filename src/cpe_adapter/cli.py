@@ -185,6 +185,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.neutral:
         overrides["neutral"] = args.neutral
     out = Path(args.out)
+    checkpoints = Path(args.resume) if args.resume else out / "checkpoints"
+    if (checkpoints / "checkpoints").is_dir():
+        checkpoints = checkpoints / "checkpoints"
+    if args.resume and not checkpoints.is_dir():
+        raise UsageError(f"--resume {args.resume}: no checkpoint folder there.")
     started = time.perf_counter()
     adapter = train_cpe(
         pipe,
@@ -194,8 +199,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         progress=not args.json,
-        checkpoint_dir=out / "checkpoints",
-        resume_from=args.resume,
+        checkpoint_dir=checkpoints,
+        resume_from=checkpoints if args.resume else None,
         **overrides,
     )
     seconds = time.perf_counter() - started

@@ -1,0 +1,997 @@
+"""Training CPE erasers (METHOD.md §4): no UNet forward, no images, only text embeddings.
+
+Every prompt is encoded once with the pipeline's own text encoder (:mod:`training_data`); the
+losses then run on the frozen cross-attention ``to_k``/``to_v`` weights alone. Training is a
+sequence of *stages*: stage ``s`` trains the ResAG on ``L_erase + lambda_adv L_adv +
+lambda_anc L_anchor`` against the adversary of the previous stage (none in stage 0); then a fresh
+set of embedding perturbations ``Delta`` is trained, with the ResAG frozen, to make the erased
+projections of ``E_t + Delta`` match the original projections of ``E_t`` (an attack), and the next
+stage trains against it.
+
+How the losses are computed without building any projection:
+
+Every loss is a layer-weighted squared error of the form ``||u W^T + R(x)||²_w`` where ``x`` is
+the embedding the gate reads, ``u`` an offset in *embedding* space whose projection is the base
+error, ``W`` ``[sum(d_out), d]`` all target layers' frozen weights stacked (config.target_layers
+order) and ``w`` the per-column weight ``c_l / (L * d_out_l)`` (so the sum is the mean over layers
+of ``c_l`` times each layer's mean squared error; one more division by ``T`` averages tokens):
+
+- erase: ``x = E_t``, ``u = (1 + eta)(E_t - E_n)`` — since ``P`` is affine, the erase error
+  ``P(E_t) - (1 + eta) P(E_n) + eta P(E_t)`` is ``u W^T`` (the bias cancels);
+- adversarial (erase stage): ``x = E_t + Delta``, ``u = (1 + eta)(E_t - E_n) + Delta``;
+- anchoring: ``P'(x) - P(x) = R(x)``, so ``u = 0`` (no projection needed at all);
+- attack: ``x = E_t + Delta``, ``u = Delta`` (distance to the *original* ``P(E_t)``).
+
+With the residual ``R[t, o] = sum_k h[t, l(o), k] U[k, o]`` (``h`` the gated low-rank codes),
+
+    ||u W^T + R||²_w = u G u^T + 2 <h, u M> + sum_l h_l Q_l h_l^T
+
+where ``G = W^T diag(w) W`` (``d x d``, fixed), ``M[:, (l, k)] = W_l^T (w_l ⊙ U_l[k])``
+(``d x L r``) and ``Q_l = U_l diag(w_l) U_l^T`` (``r x r``): the residual never has to be formed,
+each step costs a few ``T x d x (2m + L r + 1)`` products, and the cost does not grow with the
+UNet's channel widths. ``M`` and ``Q`` are rebuilt from ``U`` each step (cheap, grouped by
+``d_out`` so every layer is one batched product).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import CPEAdapter
+from .config import ConceptSpec, CPEConfig, TargetLayer
+from .errors import CPEAdapterError
+from .presets import Preset, get_preset
+from .runtime import cross_attention_modules, denoiser_of, find_target_layers, innermost_linear
+from .training_data import PromptSet, build_prompt_set, check_concept
+
+__all__ = [
+    "ConceptRun",
+    "ProjectionStack",
+    "build_stack",
+    "concept_seed",
+    "layer_weights",
+    "stage_schedule",
+    "train_concepts",
+    "train_cpe",
+]
+
+
+@dataclass
+class _Group:
+    layers: torch.Tensor  # indices (into target layers) of the layers with this d_out
+    columns: torch.Tensor  # their output columns, layer-major
+    weight_t: torch.Tensor  # [n_g, d, d_out]: W_l^T of each layer
+
+
+@dataclass
+class ProjectionStack:
+    """Frozen ``to_k``/``to_v`` weights of all target layers and their loss weights."""
+
+    weight: torch.Tensor  # [sum_out, d]
+    layer_weight: torch.Tensor  # [L] c_l
+    column_weight: torch.Tensor  # [sum_out] c_l / (L * d_out_l)
+    gram: torch.Tensor  # [d, d] W^T diag(w) W
+    eigenvalues: torch.Tensor  # [d] of gram (clamped at 0)
+    eigenvectors: torch.Tensor  # [d, d] orthonormal columns: gram = V diag(lambda) V^T
+    groups: list[_Group]
+    inverse: torch.Tensor  # position of each layer in the concatenation of the groups
+    num_layers: int
+
+    @property
+    def dim(self) -> int:
+        return self.weight.shape[1]
+
+
+def layer_weights(denoiser: nn.Module, tokens: int) -> list[float]:
+    """``c_l`` of METHOD.md §4 for every target projection (``to_k``, ``to_v`` per attention, in order).
+
+    ``to_k``: ``sigma_max(W_o W_v) sigma_max(W_q) / T``; ``to_v``: ``sigma_max(W_o)`` — a Lipschitz
+    bound on how far a change of K or V moves the attention output.
+    """
+    values = []
+    for _, attn in cross_attention_modules(denoiser):
+        w_q = innermost_linear(attn.to_q)[2].weight.detach().float()
+        w_v = innermost_linear(attn.to_v)[2].weight.detach().float()
+        w_o = innermost_linear(attn.to_out[0])[2].weight.detach().float()
+        sigma_o = torch.linalg.matrix_norm(w_o, ord=2)
+        sigma_ov = torch.linalg.matrix_norm(w_o @ w_v, ord=2)
+        sigma_q = torch.linalg.matrix_norm(w_q, ord=2)
+        values += [float(sigma_ov * sigma_q / tokens), float(sigma_o)]
+    return values
+
+
+def projection_weights(denoiser: nn.Module, layers: list[TargetLayer]) -> torch.Tensor:
+    """``[sum(d_out), d]``: the base weights of every target projection, in ``layers`` order."""
+    modules = dict(denoiser.named_modules())
+    parts = []
+    for layer in layers:
+        parent_path, _, proj = layer.name.rpartition(".")
+        linear = innermost_linear(getattr(modules[parent_path], proj))[2]
+        parts.append(linear.weight.detach().float())
+    return torch.cat(parts)
+
+
+def build_stack(denoiser: nn.Module, layers: list[TargetLayer], tokens: int, device: Any) -> ProjectionStack:
+    """Everything fixed during training, computed once per pipeline (fp32, on ``device``)."""
+    weight = projection_weights(denoiser, layers).to(device)
+    c = torch.tensor(layer_weights(denoiser, tokens), dtype=torch.float32, device=device)
+    sizes = torch.tensor([t.out_features for t in layers], device=device)
+    layer_of_column = torch.repeat_interleave(torch.arange(len(layers), device=device), sizes)
+    column_weight = (c / (len(layers) * sizes.float()))[layer_of_column]
+    gram = weight.T @ (column_weight.unsqueeze(1) * weight)
+    gram = 0.5 * (gram + gram.T)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    groups, order = [], []
+    for size in sorted({t.out_features for t in layers}):
+        idx = [i for i, t in enumerate(layers) if t.out_features == size]
+        cols = torch.cat([torch.arange(int(offsets[i]), int(offsets[i]) + size, device=device) for i in idx])
+        w_t = weight[cols].view(len(idx), size, -1).transpose(1, 2).contiguous()
+        groups.append(_Group(torch.tensor(idx, device=device), cols, w_t))
+        order += idx
+    inverse = torch.empty(len(layers), dtype=torch.long, device=device)
+    inverse[torch.tensor(order, device=device)] = torch.arange(len(layers), device=device)
+    values, vectors = torch.linalg.eigh(gram.double())
+    values, vectors = values.clamp_min(0).float(), vectors.float()
+    return ProjectionStack(weight, c, column_weight, gram, values, vectors, groups, inverse, len(layers))
+
+
+def coupling(stack: ProjectionStack, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``M`` ``[d, L*r]`` (layer-major) and ``Q`` ``[L, r, r]`` for the current ``U`` ``[r, sum_out]``."""
+    rank = up.shape[0]
+    weighted = up * stack.column_weight
+    m_parts, q_parts = [], []
+    for group in stack.groups:
+        n_g, size = group.weight_t.shape[0], group.weight_t.shape[2]
+        u_g = up[:, group.columns].view(rank, n_g, size).permute(1, 2, 0)
+        wu_g = weighted[:, group.columns].view(rank, n_g, size).permute(1, 2, 0)
+        m_parts.append(group.weight_t @ wu_g)  # [n_g, d, r]
+        q_parts.append(u_g.transpose(1, 2) @ wu_g)  # [n_g, r, r]
+    m = torch.cat(m_parts)[stack.inverse]
+    q = torch.cat(q_parts)[stack.inverse]
+    return m.permute(1, 0, 2).reshape(stack.dim, -1), q
+
+
+def gate_matrix(
+    gate_a: torch.Tensor, gate_b: torch.Tensor | None, gate_v: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """``[A | B | D | v]`` (``d x (2m + L r + 1)``; ``B`` left out when tied): one product reads all of
+    ``E``'s projections the gate and the residual need."""
+    mats = [gate_a] if gate_b is None else [gate_a, gate_b]
+    return torch.cat([*mats, down, gate_v.unsqueeze(1)], dim=1)
+
+
+def codes_from_projection(proj: torch.Tensor, rank: int, tied: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated low-rank codes ``h = scale * g ⊙ (S (E D))`` ``[n, T, L*r]`` and gates ``g`` ``[n, T]``
+    from ``proj = E [A | B | D | v]`` (``rank`` = gate rank m).
+
+    Uses ``S E D = S (E D)`` and ``Ē v = S (E v)``: the mixed embedding ``Ē`` (``T x d``) is never
+    formed, and since ``proj`` is linear in ``E``, sums of embeddings (mixup, ``E_t + Delta``) can be
+    projected piece by piece.
+    """
+    queries = proj[..., :rank]
+    keys = queries if tied else proj[..., rank : 2 * rank]
+    rest = proj[..., (1 if tied else 2) * rank :]
+    mixing = torch.softmax(queries @ keys.transpose(-1, -2), dim=-1)
+    mixed = mixing @ rest
+    gates = torch.sigmoid(mixed[..., -1])
+    return scale * gates.unsqueeze(-1) * mixed[..., :-1], gates
+
+
+def gate_codes(
+    embeds: torch.Tensor,
+    gate_a: torch.Tensor,
+    gate_b: torch.Tensor | None,
+    gate_v: torch.Tensor,
+    down: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and gates of :func:`codes_from_projection` for embeddings ``[n, T, d]``
+    (``gate_b=None`` ties the key side to ``gate_a``, as ``tie_gate_qk``)."""
+    proj = embeds @ gate_matrix(gate_a, gate_b, gate_v, down)
+    return codes_from_projection(proj, gate_a.shape[1], gate_b is None, scale)
+
+
+def residual_energy(codes: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``mean_t sum_l h_l Q_l h_l^T`` per sample: ``||R||²_w`` averaged over tokens, ``[n]``."""
+    layers, rank = q.shape[0], q.shape[1]
+    h = codes.unflatten(-1, (layers, rank))
+    return torch.einsum("ntlk,lkj,ntlj->n", h, q, h) / codes.shape[1]
+
+
+def cross_term(codes: torch.Tensor, offsets: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``mean_t 2 <h, u M>`` per sample ``[n]`` for codes ``[n, T, Lr]`` and offsets ``u`` ``[n, T, d]``."""
+    return 2.0 * (codes * (offsets @ m)).sum((-1, -2)) / codes.shape[1]
+
+
+class _QuadraticForm(torch.autograd.Function):
+    """``sum_t x_t G x_t^T`` per sample with one matrix product (G symmetric: the gradient is ``2 x G``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+        y = x @ gram
+        ctx.save_for_backward(y)
+        return (x * y).sum((-1, -2))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (y,) = ctx.saved_tensors
+        return 2.0 * y * grad.view(-1, 1, 1), None
+
+
+def base_energy(offsets: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``mean_t u G u^T`` per sample ``[n]``: the weighted error with no residual (differentiable in ``u``)."""
+    return _QuadraticForm.apply(offsets, gram) / offsets.shape[1]
+
+
+# ================================================================================= the plan
+ANCHOR_NOISE = 1e-3  # mixup-anchor noise: per-element std = ANCHOR_NOISE * token norm / sqrt(d)
+DELTA_INIT = 1e-3  # initial adversary, relative to the target embeddings' RMS
+WEIGHT_DECAY = 0.01
+EVAL_TEMPLATES = 8
+EVAL_ANCHORS = 32
+CHECKPOINT_STATE = "trainer_state.json"
+CHECKPOINT_FORMAT = "cpe-adapter-training-checkpoint"
+_RUN_OPTIONS = {"tie_gate_qk", "name", "warmup_steps", "templates", "log_every", "num_threads"}
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Resolved hyper-parameters and stage schedule of one training run."""
+
+    preset: Preset
+    erase_iters: tuple[int, ...]
+    attack_iters: int
+    warmup_steps: int = 10
+    log_every: int = 50
+    tie_gate_qk: bool = False
+    templates: tuple[str, ...] | None = None
+    anchors: tuple[str, ...] | None = None
+    num_threads: int | None = None
+
+    @property
+    def stages(self) -> int:
+        return len(self.erase_iters)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.preset.to_dict(),
+            "stages": self.stages,
+            "erase_iters": list(self.erase_iters),
+            "attack_iters": self.attack_iters,
+            "total_erase_iters": sum(self.erase_iters),
+            "warmup_steps": self.warmup_steps,
+            "tie_gate_qk": self.tie_gate_qk,
+            "templates": None if self.templates is None else list(self.templates),
+            "anchors": None if self.anchors is None else list(self.anchors),
+            "optimizer": f"AdamW(weight_decay={WEIGHT_DECAY}), cosine per stage, {self.warmup_steps} warm-up steps",
+            "anchor_noise": ANCHOR_NOISE,
+        }
+
+
+def stage_schedule(preset: Preset, steps: int | None) -> tuple[tuple[int, ...], int]:
+    """Erase iterations per stage and attack iterations per adversarial stage.
+
+    ``steps`` (total erase iterations) scales the preset's schedule proportionally, attack
+    iterations included; every stage keeps at least one iteration (with fewer ``steps`` than
+    stages, there are only ``steps`` stages).
+    """
+    base = (preset.first_stage_iters,) + (preset.erase_iters,) * (preset.stages - 1)
+    if steps is None:
+        return base, preset.attack_iters
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise CPEAdapterError(f"`steps` must be a positive integer (total erase iterations), got {steps!r}.")
+    stages = min(preset.stages, steps)
+    factor = steps / preset.total_erase_iters
+    first = max(1, min(round(preset.first_stage_iters * factor), steps - (stages - 1)))
+    rest = steps - first
+    share, extra = divmod(rest, stages - 1) if stages > 1 else (0, 0)
+    later = [share + (1 if i < extra else 0) for i in range(stages - 1)]
+    return (first, *later), max(1, round(preset.attack_iters * factor))
+
+
+def resolve_plan(
+    preset: str, steps: int | None, anchors: Sequence[str] | None, overrides: dict[str, Any]
+) -> tuple[TrainingPlan, str | None]:
+    """The plan for ``preset`` with ``overrides`` applied, and the adapter name (if given)."""
+    if not isinstance(preset, str):
+        raise CPEAdapterError(f"`preset` must be one of 'names', 'styles', 'explicit', got {preset!r}.")
+    settings = get_preset(preset)
+    valid = (set(settings.to_dict()) - {"name"}) | _RUN_OPTIONS
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise CPEAdapterError(f"Unknown training option(s) {unknown}; valid ones are {sorted(valid)}.")
+    run = {k: overrides[k] for k in overrides if k in _RUN_OPTIONS}
+    settings = settings.replace(**{k: v for k, v in overrides.items() if k not in _RUN_OPTIONS})
+    for key in ("stages", "erase_iters", "first_stage_iters", "attack_iters", "anchor_samples", "adversaries"):
+        value = getattr(settings, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "adversaries" else 1):
+            raise CPEAdapterError(f"Training option {key!r} must be a positive integer, got {value!r}.")
+    erase_iters, attack_iters = stage_schedule(settings, steps)
+    templates = run.get("templates")
+    if isinstance(anchors, str):
+        anchors = [anchors]
+    plan = TrainingPlan(
+        preset=settings,
+        erase_iters=erase_iters,
+        attack_iters=attack_iters,
+        warmup_steps=int(run.get("warmup_steps", 10)),
+        log_every=max(1, int(run.get("log_every", 50))),
+        tie_gate_qk=bool(run.get("tie_gate_qk", False)),
+        templates=None if templates is None else tuple(templates),
+        anchors=None if anchors is None else tuple(str(a) for a in anchors),
+        num_threads=run.get("num_threads"),
+    )
+    return plan, run.get("name")
+
+
+def concept_specs(pipe: Any, concepts: Any, plan: TrainingPlan) -> list[ConceptSpec]:
+    """Concepts as :class:`ConceptSpec` (preset neutral phrase and eta for plain strings), checked."""
+    if isinstance(concepts, (str, ConceptSpec)):
+        concepts = [concepts]
+    if concepts is None or len(concepts) == 0:
+        raise CPEAdapterError("No concepts to erase; pass a concept string such as 'Van Gogh' or a list of them.")
+    specs = []
+    for concept in concepts:
+        if isinstance(concept, ConceptSpec):
+            spec = ConceptSpec(check_concept(pipe, concept.name), concept.neutral, float(concept.eta))
+        else:
+            spec = ConceptSpec(check_concept(pipe, concept), plan.preset.neutral, float(plan.preset.eta))
+        check_concept(pipe, spec.neutral)
+        specs.append(spec)
+    names = [s.name.lower() for s in specs]
+    if len(set(names)) != len(names):
+        raise CPEAdapterError(f"A concept is listed twice in {[s.name for s in specs]}; list each once.")
+    return specs
+
+
+def concept_seed(seed: int, index: int, name: str) -> int:
+    """The seed of concept ``index``: depends only on ``(seed, index, name)``, so sharding concepts
+    over processes (:mod:`distributed`) gives the same weights as one process."""
+    digest = hashlib.sha256(f"cpe-adapter/{int(seed)}/{index}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@contextlib.contextmanager
+def _threads(count: int | None):
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+# ============================================================================ one concept's run
+Callback = Callable[[int, int, dict[str, Any]], Any]
+
+
+@dataclass
+class ConceptResult:
+    """Trained tensors of one concept (CPU, adapter layout with a concept axis of 1) and its logs."""
+
+    spec: ConceptSpec
+    seed: int
+    tensors: dict[str, torch.Tensor]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    final_loss: dict[str, float] = field(default_factory=dict)
+
+
+def _cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
+    warmup = min(warmup, total // 4)
+    if step < warmup:
+        return base * (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _spread(count: int, keep: int) -> list[int]:
+    if count <= keep:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / (keep - 1)) for i in range(keep)}) if keep > 1 else [0]
+
+
+def _fast_adamw(device: torch.device) -> dict[str, bool]:
+    """Fused AdamW (one kernel for all parameters) where torch has it: most of a small step's cost is
+    per-operation overhead."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
+def _fresh(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy in newly allocated memory: tensors read from a file may sit at any alignment, and
+    matrix kernels may round differently for a different alignment, which would break bit-exact
+    resumption."""
+    return tensor.to(device, torch.float32, copy=True).contiguous()
+
+
+class ConceptRun:
+    """State and loops of one concept's training: parameters, adversary, RNG and history."""
+
+    PARAMS = ("gate_a", "gate_b", "gate_v", "down", "up")
+
+    def __init__(
+        self, stack: ProjectionStack, data: PromptSet, spec: ConceptSpec, plan: TrainingPlan, seed: int, device: Any
+    ) -> None:
+        self.stack, self.spec, self.plan, self.device = stack, spec, plan, torch.device(device)
+        preset = plan.preset
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        d, m, r, layers = stack.dim, preset.gate_rank, preset.residual_rank, stack.num_layers
+        self.scale = preset.alpha / r
+        gen, dev = self.generator, self.device
+        bound = 1.0 / math.sqrt(d)
+        self.params = {
+            "gate_a": torch.empty(d, m, device=dev).normal_(0.0, 1e-8, generator=gen),
+            "gate_b": torch.empty(d, m, device=dev).normal_(0.0, 1e-8, generator=gen),
+            "gate_v": torch.zeros(d, device=dev),
+            "down": torch.empty(d, layers * r, device=dev).uniform_(-bound, bound, generator=gen),
+            "up": torch.zeros(r, stack.weight.shape[0], device=dev),
+        }
+        self.target = data.target.to(dev, torch.float32)
+        self.neutral = data.neutral.to(dev, torch.float32)
+        if self.target.shape[-1] != d:
+            raise CPEAdapterError(
+                f"The text encoder gives {self.target.shape[-1]}-d embeddings but the UNet's cross-attention reads "
+                f"{d}-d; this pipeline's components do not fit together."
+            )
+        self.tokens = self.target.shape[1]
+        self.offset = (1.0 + spec.eta) * (self.target - self.neutral)
+        with torch.no_grad():
+            self.offset_energy = base_energy(self.offset, stack.gram)
+        small = data.anchors.dtype == torch.float32 or dev.type != "cpu"
+        self.anchors = data.anchors.to(dev, torch.float32) if small else data.anchors
+        self.empty = data.empty.to(dev, torch.float32)
+        self.delta: torch.Tensor | None = None
+        # Delta G and Delta G Delta^T / T of the current adversary (fixed during an erase phase).
+        self._delta_gram: torch.Tensor | None = None
+        self._delta_energy: torch.Tensor | None = None
+        self.history: list[dict[str, Any]] = []
+        self.next_stage = 0
+        self.eval_templates = torch.tensor(_spread(self.target.shape[0], EVAL_TEMPLATES), device=dev)
+        self.eval_anchors = torch.tensor(_spread(self.anchors.shape[0], EVAL_ANCHORS), device=self.anchors.device)
+
+    # ------------------------------------------------------------------------------ helpers
+    def _trainable(self) -> list[str]:
+        return [k for k in self.PARAMS if not (k == "gate_b" and self.plan.tie_gate_qk)]
+
+    def _matrix(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        gate_b = None if self.plan.tie_gate_qk else params["gate_b"]
+        return gate_matrix(params["gate_a"], gate_b, params["gate_v"], params["down"])
+
+    def _from_projection(self, proj: torch.Tensor) -> torch.Tensor:
+        return codes_from_projection(proj, self.plan.preset.gate_rank, self.plan.tie_gate_qk, self.scale)[0]
+
+    def _codes(self, embeds: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._from_projection(embeds @ self._matrix(params))
+
+    def _randint(self, high: int, size: tuple[int, ...]) -> torch.Tensor:
+        return torch.randint(high, size, generator=self.generator, device=self.device)
+
+    def _sample_anchors(self, out: torch.Tensor, noise: torch.Tensor) -> None:
+        """Fill ``out`` ``[S, T, d]`` with mixup anchors ``lam a + (1 - lam) b`` (``lam ~ U(0, 1)``) plus
+        Gaussian noise whose per-element std is ``ANCHOR_NOISE`` x the token's norm / sqrt(d), so the
+        noise is about ``ANCHOR_NOISE`` times each token's norm. ``noise`` is scratch space."""
+        count = out.shape[0]
+        pairs = self._randint(self.anchors.shape[0], (2, count)).to(self.anchors.device)
+        lam = torch.rand(count, 1, 1, generator=self.generator, device=self.device)
+        first = self.anchors[pairs[0]].to(self.device, torch.float32)
+        second = self.anchors[pairs[1]].to(self.device, torch.float32)
+        torch.lerp(second, first, lam, out=out)
+        torch.randn(noise.shape, generator=self.generator, device=self.device, out=noise)
+        sigma = out.norm(dim=-1, keepdim=True).mul_(ANCHOR_NOISE / math.sqrt(out.shape[-1]))
+        out.addcmul_(noise, sigma)
+
+    # ----------------------------------------------------------------------------- the losses
+    def _erase_step_losses(
+        self, params: dict[str, torch.Tensor], template: int, batch: torch.Tensor, labelled: int
+    ) -> dict[str, torch.Tensor]:
+        """``erase``, ``anchor`` and (with an adversary) ``adv`` losses; ``batch`` holds ``E_t``, then
+        ``E_t + Delta_i``, then the anchors (``""`` and the mixups)."""
+        offset = self.offset[template]
+        codes = self._codes(batch, params)
+        m, q = coupling(self.stack, params["up"])
+        energy = residual_energy(codes, q)
+        offset_m = offset @ m
+        if self.delta is None:
+            cross = 2.0 * (codes[:1] * offset_m).sum((-1, -2)) / self.tokens
+            errors = self.offset_energy[template] + cross + energy[:1]
+            return {"erase": errors[0], "anchor": energy[labelled:].mean()}
+        offsets_m = torch.cat([offset_m.unsqueeze(0), offset_m + self.delta @ m])
+        cross = 2.0 * (codes[:labelled] * offsets_m).sum((-1, -2)) / self.tokens
+        base = self.offset_energy[template] + torch.cat(
+            [torch.zeros(1, device=self.device), self._delta_cross(offset) + self._delta_energy]
+        )
+        errors = base + cross + energy[:labelled]
+        return {"erase": errors[0], "anchor": energy[labelled:].mean(), "adv": errors[1:].mean()}
+
+    def _delta_cross(self, offset: torch.Tensor) -> torch.Tensor:
+        return 2.0 * (self._delta_gram * offset).sum((-1, -2)) / self.tokens
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Losses on a fixed spread of templates and anchors (for logs and tests; no RNG used)."""
+        params, stack = self.params, self.stack
+        m, q = coupling(stack, params["up"])
+        idx = self.eval_templates
+        codes = self._codes(self.target[idx], params)
+        erase = (self.offset_energy[idx] + cross_term(codes, self.offset[idx], m) + residual_energy(codes, q)).mean()
+        anchors = self.anchors[self.eval_anchors].to(self.device, torch.float32)
+        anchor = residual_energy(self._codes(torch.cat([self.empty.unsqueeze(0), anchors]), params), q).mean()
+        out = {"erase": float(erase), "anchor": float(anchor)}
+        if self.delta is not None:
+            delta = self.delta
+            adv, attack = [], []
+            for j in idx.tolist():
+                codes = self._codes(self.target[j] + delta, params)
+                shifted = self.offset[j] + delta
+                adv.append(base_energy(shifted, stack.gram) + cross_term(codes, shifted, m) + residual_energy(codes, q))
+                attack.append(base_energy(delta, stack.gram) + cross_term(codes, delta, m) + residual_energy(codes, q))
+            out["adv"] = float(torch.cat(adv).mean())
+            out["attack"] = float(torch.cat(attack).mean())
+        return out
+
+    # ------------------------------------------------------------------------------- the loops
+    def erase_phase(self, stage: int, report: Callable[[str, int, int, dict[str, Any]], None]) -> None:
+        """Train the ResAG on ``L_erase + lambda_adv L_adv + lambda_anc L_anchor`` (adversary frozen)."""
+        preset, plan = self.plan.preset, self.plan
+        iters = plan.erase_iters[stage]
+        base_lr = preset.first_stage_lr if stage == 0 else preset.lr
+        names = self._trainable()
+        leaves = {k: self.params[k].clone().requires_grad_(k in names) for k in self.PARAMS}
+        optimizer = torch.optim.AdamW(
+            [leaves[k] for k in names], lr=base_lr, weight_decay=WEIGHT_DECAY, **_fast_adamw(self.device)
+        )
+        adversaries = 0 if self.delta is None else self.delta.shape[0]
+        if self.delta is not None:
+            self._delta_gram = self.delta @ self.stack.gram
+            self._delta_energy = (self.delta * self._delta_gram).sum((-1, -2)) / self.tokens
+        adv_weight = preset.adversarial_weight if self.delta is not None else 0.0
+        # One buffer for the whole batch (E_t, E_t + Delta_i, "", mixups), refilled in place each step.
+        labelled = 1 + adversaries
+        batch = torch.empty(labelled + 1 + preset.anchor_samples, *self.target.shape[1:], device=self.device)
+        batch[labelled].copy_(self.empty)
+        noise = torch.empty_like(batch[labelled + 1 :])
+        for step in range(iters):
+            lr = _cosine_lr(base_lr, step, iters, plan.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            template = int(self._randint(self.target.shape[0], (1,)))
+            batch[0].copy_(self.target[template])
+            if self.delta is not None:
+                torch.add(self.target[template], self.delta, out=batch[1:labelled])
+            self._sample_anchors(batch[labelled + 1 :], noise)
+            losses = self._erase_step_losses(leaves, template, batch, labelled)
+            total = losses["erase"] + preset.anchor_weight * losses["anchor"]
+            if "adv" in losses:
+                total = total + adv_weight * losses["adv"]
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            if (step + 1) % plan.log_every == 0 or step + 1 == iters:
+                logs = {k: float(v.detach()) for k, v in losses.items()}
+                report("erase", step + 1, iters, {**logs, "loss": float(total.detach()), "lr": lr})
+        self.params = {k: v.detach() for k, v in leaves.items()}
+
+    def attack_phase(self, stage: int, report: Callable[[str, int, int, dict[str, Any]], None]) -> dict[str, float]:
+        """Train a fresh adversary against the frozen ResAG; returns the evaluation before it moved.
+
+        The objective is ``mean_i ||P'(E_t + Delta_i) - P(E_t)||²_w``. ``Delta`` is optimised in the
+        eigenbasis of ``G`` (``Delta = Z V^T``, an orthogonal change of coordinates: the same set of
+        perturbations and the same objective), where ``Delta G Delta^T = sum Z² lambda`` is
+        elementwise and the gate reads ``(E_t + Delta) [A|B|D|v] = E_t [..] + Z (V^T [..])`` — no
+        ``d x d`` product per step.
+        """
+        preset, plan, stack = self.plan.preset, self.plan, self.stack
+        iters = plan.attack_iters
+        rms = self.target.pow(2).mean().sqrt()
+        shape = (preset.adversaries, *self.target.shape[1:])
+        # An isotropic Gaussian is the same distribution in any orthonormal basis.
+        z = torch.randn(shape, generator=self.generator, device=self.device) * (DELTA_INIT * rms)
+        vectors, values = stack.eigenvectors, stack.eigenvalues
+        self.delta = z @ vectors.T
+        start = self.evaluate()
+        params = self.params
+        with torch.no_grad():
+            matrix = self._matrix(params)
+            m, q = coupling(stack, params["up"])
+            width = matrix.shape[1]
+            target_proj = self.target @ matrix  # [n_templates, T, k]
+            both_v = vectors.T @ torch.cat([matrix, m], dim=1)  # [d, k + L r]: the gate's and M's columns
+        z = z.clone().requires_grad_(True)
+        optimizer = torch.optim.AdamW([z], lr=preset.attack_lr, weight_decay=0.0, **_fast_adamw(self.device))
+        for step in range(iters):
+            template = int(self._randint(self.target.shape[0], (1,)))
+            read = z @ both_v
+            codes = self._from_projection(target_proj[template] + read[..., :width])
+            base = (z.square() @ values).sum(-1) / self.tokens
+            cross = 2.0 * (codes * read[..., width:]).sum((-1, -2)) / self.tokens
+            loss = (base + cross + residual_energy(codes, q)).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if (step + 1) % plan.log_every == 0 or step + 1 == iters:
+                value = float(loss.detach())
+                report("attack", step + 1, iters, {"attack": value, "loss": value, "lr": preset.attack_lr})
+        self.delta = z.detach() @ vectors.T
+        return start
+
+    def run_stage(self, stage: int, report: Callable[[str, int, int, dict[str, Any]], None]) -> dict[str, Any]:
+        """Erase phase of ``stage`` and, unless it is the last, the attack that the next stage faces."""
+        record: dict[str, Any] = {"stage": stage, "erase_iters": self.plan.erase_iters[stage]}
+        record["before"] = self.evaluate()
+        self.erase_phase(stage, report)
+        record["after_erase"] = self.evaluate()
+        if stage + 1 < self.plan.stages and self.plan.preset.adversaries > 0:
+            record["attack_iters"] = self.plan.attack_iters
+            record["attack_start"] = self.attack_phase(stage, report)
+            record["after_attack"] = self.evaluate()
+        self.history.append(record)
+        self.next_stage = stage + 1
+        return record
+
+    # ------------------------------------------------------------------------------ state I/O
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.params.items()}
+        if self.delta is not None:
+            tensors["delta"] = self.delta.cpu().contiguous()
+        tensors["rng_state"] = self.generator.get_state().cpu()
+        return tensors
+
+    def load_state(self, tensors: dict[str, torch.Tensor], history: list[dict[str, Any]], next_stage: int) -> None:
+        for key in self.PARAMS:
+            if tuple(tensors[key].shape) != tuple(self.params[key].shape):
+                raise CPEAdapterError(f"Checkpoint tensor {key!r} has shape {list(tensors[key].shape)}; it is corrupt.")
+            self.params[key] = _fresh(tensors[key], self.device)
+        self.delta = _fresh(tensors["delta"], self.device) if "delta" in tensors else None
+        self.generator.set_state(tensors["rng_state"])
+        self.history = list(history)
+        self.next_stage = next_stage
+
+    def result(self, seed: int) -> ConceptResult:
+        final = self.evaluate()
+        final["erase_initial"] = self.history[0]["before"]["erase"] if self.history else final["erase"]
+        tensors = {k: v.detach().cpu().unsqueeze(0).contiguous() for k, v in self.params.items()}
+        return ConceptResult(self.spec, seed, tensors, list(self.history), final)
+
+
+# =============================================================================== checkpoints
+class Checkpointer:
+    """Stage checkpoints: ``trainer_state.json`` plus one ``concept_XXXX.safetensors`` per concept.
+
+    Each concept file holds its parameters, the current adversary ``delta`` (if any) and its RNG
+    state (``rng_state``, uint8) — with a fresh optimizer per stage, that is all a run needs to
+    continue bit-exactly. The JSON holds the run's signature (refused on resume if it differs),
+    and per concept the next stage to run, whether it is done, its history and final losses. Files
+    are written atomically, tensors before the JSON that refers to them. No pickle anywhere.
+    """
+
+    def __init__(self, directory: str | os.PathLike, signature: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.signature = json.loads(json.dumps(signature))
+        self.concepts: dict[str, dict[str, Any]] = {}
+
+    @staticmethod
+    def tensor_file(index: int) -> str:
+        return f"concept_{index:04d}.safetensors"
+
+    def load(self) -> None:
+        """Read an existing checkpoint of the same run (a clear error if it is another run's)."""
+        path = self.directory / CHECKPOINT_STATE
+        if not path.is_file():
+            raise CPEAdapterError(f"No training checkpoint in {self.directory} ({CHECKPOINT_STATE} is missing).")
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CPEAdapterError(f"{path} is not a readable checkpoint ({err}); start a fresh run.") from err
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CPEAdapterError(f"{path} is not a cpe-adapter training checkpoint.")
+        theirs = state.get("run", {})
+        differing = sorted(k for k in set(theirs) | set(self.signature) if theirs.get(k) != self.signature.get(k))
+        if differing:
+            raise CPEAdapterError(
+                f"The checkpoint in {self.directory} belongs to another training run (different {differing}); "
+                "resume with the same pipeline, concepts, preset, steps, seed and options, or start afresh."
+            )
+        self.concepts = state.get("concepts", {})
+
+    def entry(self, index: int) -> dict[str, Any] | None:
+        return self.concepts.get(str(index))
+
+    def tensors(self, index: int) -> dict[str, torch.Tensor]:
+        from .serialization import load_weights
+
+        path = self.directory / self.tensor_file(index)
+        if not path.is_file():
+            raise CPEAdapterError(f"{path} is missing; the checkpoint in {self.directory} is incomplete.")
+        tensors = load_weights(path)
+        missing = [k for k in (*ConceptRun.PARAMS, "rng_state") if k not in tensors]
+        if missing:
+            raise CPEAdapterError(f"{path} lacks {missing}; the checkpoint is corrupt, start a fresh run.")
+        return tensors
+
+    def save(self, index: int, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> None:
+        from safetensors.torch import save
+
+        from .serialization import atomic_write_bytes
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.directory / self.tensor_file(index), save(tensors))
+        self.concepts[str(index)] = json.loads(json.dumps(entry))
+        state = {"format": CHECKPOINT_FORMAT, "version": 1, "run": self.signature, "concepts": self.concepts}
+        atomic_write_bytes(self.directory / CHECKPOINT_STATE, (json.dumps(state, indent=1) + "\n").encode("utf-8"))
+
+
+# ============================================================================= whole runs
+@dataclass
+class TrainingContext:
+    """What every concept of one pipeline shares: the plan, layers and frozen projection stack."""
+
+    pipe: Any
+    plan: TrainingPlan
+    layers: list[TargetLayer]
+    stack: ProjectionStack
+    device: torch.device
+    domain: str
+    base_model: str | None
+
+
+def make_context(pipe: Any, plan: TrainingPlan, device: Any = None) -> TrainingContext:
+    denoiser = denoiser_of(pipe)
+    layers = find_target_layers(denoiser)
+    if device is None:
+        device = next(denoiser.parameters()).device
+    device = torch.device(device)
+    tokens = _sequence_length(pipe)
+    stack = build_stack(denoiser, layers, tokens, device)
+    return TrainingContext(pipe, plan, layers, stack, device, plan.preset.name, _model_id(pipe, denoiser))
+
+
+def _sequence_length(pipe: Any) -> int:
+    from .training_data import tokenizers_of
+
+    return int(tokenizers_of(pipe)[0].model_max_length)
+
+
+def _model_id(pipe: Any, denoiser: nn.Module) -> str | None:
+    for obj in (pipe, denoiser):
+        path = getattr(getattr(obj, "config", None), "_name_or_path", None)
+        if path:
+            return str(path)
+    return None
+
+
+def train_one(
+    context: TrainingContext,
+    spec: ConceptSpec,
+    index: int,
+    seed: int,
+    *,
+    progress: bool = True,
+    callback: Callback | None = None,
+    checkpoint: Checkpointer | None = None,
+) -> ConceptResult:
+    """Train concept number ``index`` (its seed derived from ``seed``), resuming from ``checkpoint``."""
+    own_seed = concept_seed(seed, index, spec.name)
+    entry = checkpoint.entry(index) if checkpoint is not None else None
+    if entry is not None and entry.get("done"):
+        tensors = checkpoint.tensors(index)
+        kept = {k: tensors[k].unsqueeze(0) for k in ConceptRun.PARAMS}
+        return ConceptResult(spec, own_seed, kept, entry.get("history", []), entry.get("final_loss", {}))
+    plan = context.plan
+    data = build_prompt_set(
+        context.pipe,
+        spec.name,
+        spec.neutral,
+        context.domain,
+        templates=plan.templates,
+        anchors=plan.anchors,
+        similar=plan.preset.similar_anchors,
+    )
+    run = ConceptRun(context.stack, data, spec, plan, own_seed, context.device)
+    if entry is not None:
+        run.load_state(checkpoint.tensors(index), entry.get("history", []), int(entry["next_stage"]))
+    result = None
+    for stage in range(run.next_stage, plan.stages):
+        total = plan.erase_iters[stage] + (plan.attack_iters if stage + 1 < plan.stages else 0)
+        bar = _progress_bar(progress, total, f"{spec.name} stage {stage + 1}/{plan.stages}")
+
+        def report(phase: str, step: int, iters: int, logs: dict[str, Any], stage: int = stage, bar=bar) -> None:
+            if bar is not None:
+                bar.update(min(plan.log_every, step - (step - 1) // plan.log_every * plan.log_every))
+                bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k != "lr"}, refresh=False)
+            if callback is not None:
+                full = {"concept": spec.name, "concept_index": index, "phase": phase, "iters": iters, **logs}
+                callback(stage, step, full)
+
+        try:
+            record = run.run_stage(stage, report)
+        finally:
+            if bar is not None:
+                bar.close()
+        done = stage + 1 == plan.stages
+        result = run.result(own_seed) if done else None
+        if checkpoint is not None:
+            entry = {"next_stage": stage + 1, "done": done, "history": run.history}
+            if result is not None:
+                entry["final_loss"] = result.final_loss
+            checkpoint.save(index, run.state_tensors(), entry)
+        if callback is not None:
+            callback(
+                stage,
+                plan.erase_iters[stage],
+                {"concept": spec.name, "concept_index": index, "phase": "stage_end", **record},
+            )
+    return result if result is not None else run.result(own_seed)
+
+
+def _progress_bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def run_signature(context: TrainingContext, specs: list[ConceptSpec], seed: int) -> dict[str, Any]:
+    return {
+        "concepts": [s.__dict__ for s in specs],
+        "seed": int(seed),
+        "plan": context.plan.to_dict(),
+        "layers": [t.__dict__ for t in context.layers],
+        "base_model": context.base_model,
+    }
+
+
+def assemble(
+    context: TrainingContext, results: list[ConceptResult], seed: int, steps: int | None, name: str | None
+) -> CPEAdapter:
+    """Stack per-concept results (in order) into one adapter whose config records how it was trained."""
+    plan = context.plan
+    adapters = []
+    for res in results:
+        config = CPEConfig(
+            concepts=[res.spec],
+            text_embed_dim=context.stack.dim,
+            target_layers=list(context.layers),
+            gate_rank=plan.preset.gate_rank,
+            residual_rank=plan.preset.residual_rank,
+            alpha=plan.preset.alpha,
+            tie_gate_qk=plan.tie_gate_qk,
+            name=name,
+            base_model=context.base_model,
+            preset=plan.preset.name,
+        )
+        adapter = CPEAdapter(config, init=False)
+        with torch.no_grad():
+            for key in ConceptRun.PARAMS:
+                param = getattr(adapter, key)
+                param.copy_(res.tensors[key].reshape(param.shape))
+        adapters.append(adapter)
+    merged = CPEAdapter.concatenate(adapters, name=name)
+    merged.config.training = {
+        **plan.to_dict(),
+        "seed": int(seed),
+        "steps": steps,
+        "concept_seeds": {r.spec.name: r.seed for r in results},
+        "final_loss": {r.spec.name: r.final_loss for r in results},
+        "history": {r.spec.name: r.history for r in results},
+    }
+    return merged.to(context.device)
+
+
+def train_concepts(
+    pipe: Any,
+    concepts: Any,
+    *,
+    preset: str = "names",
+    anchors: Sequence[str] | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    device: Any = None,
+    indices: Sequence[int] | None = None,
+    progress: bool = True,
+    callback: Callback | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume_from: str | os.PathLike | None = None,
+    **overrides: Any,
+) -> tuple[TrainingContext, list[ConceptSpec], list[ConceptResult], str | None]:
+    """Train the concepts at ``indices`` (default: all) of ``concepts``; the building block of
+    :func:`train_cpe` and :func:`cpe_adapter.distributed.train_many`."""
+    plan, name = resolve_plan(preset, steps, anchors, overrides)
+    specs = concept_specs(pipe, concepts, plan)
+    context = make_context(pipe, plan, device)
+    checkpoint = None
+    if checkpoint_dir is not None or resume_from is not None:
+        checkpoint = Checkpointer(
+            checkpoint_dir if checkpoint_dir is not None else resume_from, run_signature(context, specs, seed)
+        )
+        if resume_from is not None:
+            source = Checkpointer(resume_from, checkpoint.signature)
+            source.load()
+            checkpoint.concepts = source.concepts
+            if Path(resume_from).resolve() != checkpoint.directory.resolve():
+                for key in source.concepts:
+                    checkpoint.save(int(key), source.tensors(int(key)), source.concepts[key])
+    chosen = range(len(specs)) if indices is None else indices
+    threads = plan.num_threads if plan.num_threads is not None or context.device.type != "cpu" else 1
+    with _threads(threads):
+        results = [
+            train_one(context, specs[i], i, seed, progress=progress, callback=callback, checkpoint=checkpoint)
+            for i in chosen
+        ]
+    return context, specs, results, name
+
+
+def train_cpe(
+    pipe: Any,
+    concepts: str | ConceptSpec | Sequence[str | ConceptSpec],
+    *,
+    preset: str = "names",
+    anchors: Sequence[str] | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    device: Any = None,
+    progress: bool = True,
+    callback: Callback | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume_from: str | os.PathLike | None = None,
+    **overrides: Any,
+) -> CPEAdapter:
+    """Train a CPE eraser for one or more concepts on ``pipe``'s own text encoder and weights.
+
+    Args:
+        concepts: a concept string, a :class:`ConceptSpec`, or a list; several concepts are trained
+            one after another (each with fresh parameters and its own neutral phrase and eta) and
+            stacked on the concept axis.
+        preset: ``"names"``, ``"styles"`` or ``"explicit"`` (METHOD.md §4's table).
+        anchors: concepts to preserve instead of the default anchors (the domain's general words and
+            the ~50 pool concepts most similar to the target); each is filled into every template
+            (for ``"explicit"`` they are whole sentences).
+        steps: total erase iterations; the stage schedule (attack iterations too) scales to it.
+        seed: makes the run deterministic on a given device (a local generator; the global RNG is
+            neither used nor changed). Concept ``i`` uses a seed derived from ``(seed, i, name)``.
+        device: where to train (default: the UNet's device).
+        progress: show a progress bar per stage with the loss figures.
+        callback: ``callback(stage, step, logs)`` every ``log_every`` steps of each phase (``logs``:
+            ``concept``, ``concept_index``, ``phase`` ("erase" or "attack"), ``iters``, ``loss``,
+            ``lr`` and the loss terms ``erase``, ``anchor``, ``adv`` / ``attack``), and once at the
+            end of every stage with ``phase="stage_end"`` and that stage's evaluation record.
+        checkpoint_dir: write a checkpoint at the end of every stage here.
+        resume_from: continue the run checkpointed in this folder; the result equals an
+            uninterrupted run's bit for bit (same device).
+        **overrides: any preset hyper-parameter (``eta``, ``neutral``, ``anchor_weight``, ``lr``, ...)
+            and ``tie_gate_qk``, ``name`` (adapter name), ``warmup_steps``, ``templates``,
+            ``log_every``, ``num_threads``.
+
+    Returns:
+        A :class:`CPEAdapter` whose config records preset, hyper-parameters, base model, seed and
+        (in ``training``) the final losses and per-stage history of every concept.
+    """
+    context, _, results, name = train_concepts(
+        pipe,
+        concepts,
+        preset=preset,
+        anchors=anchors,
+        steps=steps,
+        seed=seed,
+        device=device,
+        progress=progress,
+        callback=callback,
+        checkpoint_dir=checkpoint_dir,
+        resume_from=resume_from,
+        **overrides,
+    )
+    return assemble(context, results, seed, steps, name)

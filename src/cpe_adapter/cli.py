@@ -180,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import train_cpe
 
     concepts = _concepts(args)
-    pipe = load_pipeline(args.base, args.device, None)
+    pipe = load_pipeline(args.base, args.device, args.dtype)
     overrides: dict[str, Any] = {}
     if args.neutral:
         overrides["neutral"] = args.neutral

@@ -1,0 +1,129 @@
+"""The ``cpe-adapter`` command line: exit codes, --json output, files written, docs kept current."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from conftest import random_adapter
+from cpe_adapter import CPEAdapter
+from cpe_adapter.cli import main
+from cpe_adapter.testing import tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("adapter") / "erase-vangogh"
+    random_adapter(tiny_pipeline("sd"), "Van Gogh", preset="styles").save_pretrained(folder)
+    return folder
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_inspect_reports_concepts_sizes_and_a_verified_hash(saved_adapter: Path, capsys: Any) -> None:
+    info = run_json(capsys, "inspect", str(saved_adapter))
+    assert [c["name"] for c in info["concepts"]] == ["Van Gogh"]
+    assert info["layers"] == 8 and info["text_embed_dim"] == 32
+    assert info["hash_verified"] is True and info["warnings"] == []
+    assert info["base_model"] == "tiny:sd"
+
+
+def test_inspect_flags_tampered_weights_and_another_base(saved_adapter: Path, tmp_path: Path, capsys: Any) -> None:
+    adapter = CPEAdapter.from_pretrained(saved_adapter)
+    tampered = tmp_path / "tampered"
+    adapter.save_pretrained(tampered)
+    config = json.loads((tampered / "cpe_config.json").read_text())
+    other = CPEAdapter.from_pretrained(saved_adapter)
+    other.gate_v.data.add_(1.0)
+    other.save_pretrained(tmp_path / "other")
+    (tmp_path / "other" / "cpe_config.json").write_text(json.dumps(config))
+    (tampered / "cpe_adapter.safetensors").unlink()
+    (tmp_path / "other" / "cpe_adapter.safetensors").rename(tampered / "cpe_adapter.safetensors")
+    # Same layout, other weights: it loads, but the recorded hash no longer matches.
+    info = run_json(capsys, "inspect", str(tampered), "--base", "some/other-model")
+    assert info["hash_verified"] is False
+    assert any("weights_sha256" in w for w in info["warnings"])
+    assert any("other-model" in w for w in info["warnings"])
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: Any) -> None:
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not exist" in err
+    (tmp_path / "weights.bin").write_bytes(b"\x80\x04not really a pickle")
+    assert main(["inspect", str(tmp_path / "weights.bin")]) == 2
+    assert "pickle" in capsys.readouterr().err
+    assert main(["train", "--base", "tiny:sd", "--out", str(tmp_path / "o")]) == 2
+    assert "Nothing to erase" in capsys.readouterr().err
+    assert main(["train", "--base", "tiny:nope", "--erase", "x", "--out", str(tmp_path / "o")]) != 0
+    assert main(["train", "--base", "tiny:sd", "--erase", "x", "--preset", "bogus", "--out", "o"]) == 2
+
+
+def test_generate_writes_a_before_after_grid(saved_adapter: Path, tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "grid.png"
+    args = ["generate", "--base", "tiny:sd", "--adapter", str(saved_adapter), "--prompt", "a painting by Van Gogh"]
+    result = run_json(capsys, *args, "--compare", "--out", str(out), "--steps", "2", "--height", "64")
+    assert result["adapters"] == ["erase-vangogh"]
+    grid = Image.open(out)
+    assert grid.size[0] == 128
+    left = grid.crop((0, 16, 64, 80)).tobytes()
+    right = grid.crop((64, 16, 128, 80)).tobytes()
+    assert left != right, "the erased image must differ from the original"
+    single = tmp_path / "single.png"
+    assert main([*args, "--out", str(single), "--steps", "2", "--height", "64"]) == 0
+    assert Image.open(single).size == (64, 64)
+    assert Image.open(single).tobytes() == right
+
+
+def test_train_saves_a_loadable_adapter_and_resumes(tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "trained"
+    argv = ["train", "--base", "tiny:sd", "--erase", "Van Gogh", "--preset", "styles", "--steps", "20"]
+    result = run_json(capsys, *argv, "--out", str(out))
+    assert result["concepts"] == ["Van Gogh"] and result["preset"] == "styles"
+    adapter = CPEAdapter.from_pretrained(out)
+    assert adapter.config.concept_names == ["Van Gogh"] and adapter.config.base_model == "tiny:sd"
+    assert float(adapter.up.detach().abs().sum()) > 0, "training must move the residual away from zero"
+    assert (out / "checkpoints").is_dir()
+    resumed = tmp_path / "resumed"
+    run_json(capsys, *argv, "--out", str(resumed), "--resume", str(out))
+    again = CPEAdapter.from_pretrained(resumed)
+    for key, value in adapter.file_state_dict().items():
+        assert value.equal(again.file_state_dict()[key])
+
+
+def test_push_uploads_a_folder_with_a_model_card(saved_adapter: Path, fake_hub: Any, capsys: Any) -> None:
+    result = run_json(capsys, "push", str(saved_adapter), "org/erase-vangogh")
+    assert "org/erase-vangogh" in result["repo"]
+    files = fake_hub.files("org/erase-vangogh")
+    assert {"cpe_config.json", "cpe_adapter.safetensors", "README.md"} <= set(files)
+    assert b"library_name: cpe-adapter" in files["README.md"]
+    assert main(["push", str(saved_adapter / "cpe_config.json"), "org/x"]) == 2
+
+
+def test_module_entry_point_and_help() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "cpe_adapter", "inspect", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "--base" in done.stdout
+
+
+def test_cli_reference_is_current() -> None:
+    sys.path.insert(0, str(ROOT / "docs" / "scripts"))
+    try:
+        from gen_cli_reference import cli_reference
+    finally:
+        sys.path.pop(0)
+    assert (ROOT / "docs" / "cli.md").read_text(encoding="utf-8") == cli_reference(), (
+        "docs/cli.md is stale: run `python docs/scripts/gen_cli_reference.py`"
+    )

@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from .adapter import CPEAdapter
 from .config import ConceptSpec, CPEConfig, TargetLayer
 from .errors import AdapterFileError, CPEAdapterError, ErasureIntegrityError, IncompatibleAdapterError
+from .evaluation import EvalReport, evaluate
 from .loaders import (
     clear_cpe_cache,
     disable_cpe_adapters,
@@ -37,12 +38,14 @@ __all__ = [
     "CPEConfig",
     "ConceptSpec",
     "ErasureIntegrityError",
+    "EvalReport",
     "IncompatibleAdapterError",
     "TargetLayer",
     "__version__",
     "clear_cpe_cache",
     "disable_cpe_adapters",
     "enable_cpe_adapters",
+    "evaluate",
     "get_active_cpe_adapters",
     "get_cpe_adapter",
     "list_cpe_adapters",

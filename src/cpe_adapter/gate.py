@@ -11,14 +11,22 @@ For a prompt embedding ``E`` (T tokens x d) and concept ``c`` with gate paramete
 Since ``Ē_c v_c = S_c (E v_c)``, the gate of every concept is found without forming ``Ē_c``;
 ``Ē`` is only built for the concept each token is routed to (top-1 over gate values, §3 of
 METHOD.md). Everything here is batched over a concept axis ``N`` and a batch axis ``B``.
+
+Inference (:func:`best_concepts`, :func:`routed_codes`) streams over concepts and tokens in
+chunks, so memory stays bounded by the chunk size however many concepts an adapter holds, and no
+result ever has to be copied back to the host (no data-dependent shapes).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 # Concepts whose token-mixing matrices are formed at once; bounds memory at N x B x T x T.
 GATE_CHUNK = 128
+# Elements of per-token gathered residual weights formed at once (about 16 MB in fp32).
+GATHER_BUDGET = 1 << 22
 
 
 def token_mixing(embeds: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor) -> torch.Tensor:
@@ -55,3 +63,99 @@ def expand_residual(codes: torch.Tensor, up: torch.Tensor, layer_of_column: torc
     """
     spread = codes.index_select(-2, layer_of_column)
     return (spread * up.transpose(-1, -2)).sum(-1)
+
+
+def best_concepts(
+    embeds: torch.Tensor,
+    gate_a: torch.Tensor,
+    gate_b: torch.Tensor | None,
+    gate_v: torch.Tensor,
+    chunk: int = GATE_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-1 routing of every token over N concepts: ``(gate, index, mixed)``.
+
+    ``gate`` ``[B, T]`` is the largest gate value ``g_c*(t)``, ``index`` ``[B, T]`` the winning
+    concept ``c*`` (the first one on ties) and ``mixed`` ``[B, T, d]`` its mixed embedding
+    ``Ē_c*[t] = S_c*[t] E``. ``gate_b=None`` ties the key side to ``gate_a``. Concepts are
+    processed ``chunk`` at a time and only the winning row of each token's mixing matrix is
+    kept, so the cost is O(N·B·T·(d·m + T·m)) once per prompt and memory is O(chunk·B·T²).
+    """
+    count = gate_a.shape[0]
+    batch, tokens, dim = embeds.shape
+    flat = embeds.reshape(batch * tokens, dim)
+    best_gate = best_index = best_rows = None
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
+        queries = _per_concept(flat, gate_a[start:stop], batch)
+        keys = queries if gate_b is None else _per_concept(flat, gate_b[start:stop], batch)
+        mixing = torch.softmax(queries @ keys.transpose(-1, -2), dim=-1)
+        projected = (flat @ gate_v[start:stop].T).T.reshape(stop - start, batch, tokens, 1)
+        gates = torch.sigmoid((mixing @ projected).squeeze(-1))
+        index = gates.argmax(dim=0)
+        gate = gates.gather(0, index.unsqueeze(0)).squeeze(0)
+        rows = mixing.gather(0, index[None, :, :, None].expand(1, *mixing.shape[1:])).squeeze(0)
+        if best_gate is None:
+            best_gate, best_index, best_rows = gate, index, rows
+            continue
+        better = gate > best_gate  # strict: an earlier concept keeps a tie
+        best_gate = torch.where(better, gate, best_gate)
+        best_index = torch.where(better, index + start, best_index)
+        best_rows = torch.where(better.unsqueeze(-1), rows, best_rows)
+    return best_gate, best_index, best_rows @ embeds
+
+
+def _per_concept(flat: torch.Tensor, weight: torch.Tensor, batch: int) -> torch.Tensor:
+    """``E W_c`` for n concepts as one matrix product: ``[B*T, d] x [n, d, m] -> [n, B, T, m]``."""
+    count, dim, rank = weight.shape
+    product = flat @ weight.permute(1, 0, 2).reshape(dim, count * rank)
+    return product.reshape(batch, -1, count, rank).permute(2, 0, 1, 3)
+
+
+def routed_residual(
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    layer_sizes: Sequence[int],
+    rank: int,
+) -> torch.Tensor:
+    """``hidden[t] D_c(t) U_c(t)`` for every token, each with its own concept: ``[M, sum(d_out)]``.
+
+    ``hidden`` ``[M, d]`` holds the (already gated and scaled) rows ``w_t Ē_c*[t]``; ``index``
+    ``[M]`` each row's concept; ``down`` ``[N, d, L*r]`` and ``up`` ``[N, r, sum(d_out)]`` are the
+    adapter's stacked residual weights; ``layer_sizes`` holds each layer's ``d_out``. A
+    single-concept adapter is two plain matrix products; otherwise each token's ``D`` and ``U``
+    are gathered, a bounded number of tokens at a time (never ``[M, d, L*r]`` at once for large
+    layouts).
+    """
+    count, dim, width = down.shape
+    layers = width // rank
+    if count == 1:
+        codes = (hidden @ down[0]).unflatten(-1, (layers, rank))
+        return _spread_up(codes, up, layer_sizes)
+    per_token = dim * width + up.shape[1] * up.shape[2]
+    step = max(1, GATHER_BUDGET // per_token)
+    parts = []
+    for start in range(0, hidden.shape[0], step):
+        rows = index[start : start + step]
+        codes = torch.bmm(hidden[start : start + step].unsqueeze(1), down[rows]).squeeze(1)
+        parts.append(_spread_up(codes.unflatten(-1, (layers, rank)), up[rows], layer_sizes))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _spread_up(codes: torch.Tensor, up: torch.Tensor, layer_sizes: Sequence[int]) -> torch.Tensor:
+    """``sum_k codes[m, l(o), k] * up[m, k, o]``: ``[M, L, r]`` codes, ``[M or 1, r, O]`` up -> ``[M, O]``.
+
+    Per layer an outer product of its codes with its block of ``up`` (contiguous columns), then
+    one concatenation: output-sized memory traffic, no index gathers, no device sync.
+    """
+    blocks = []
+    start = 0
+    for layer, size in enumerate(layer_sizes):
+        stop = start + size
+        block = codes[:, layer, 0:1] * up[:, 0, start:stop]
+        for k in range(1, codes.shape[-1]):
+            block = block + codes[:, layer, k : k + 1] * up[:, k, start:stop]
+        blocks.append(block)
+        start = stop
+    return torch.cat(blocks, dim=-1)

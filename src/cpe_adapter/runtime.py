@@ -3,20 +3,30 @@
 One :class:`CPERuntime` lives on each denoiser (UNet) that has adapters. It owns the loaded
 adapters, the active set and scales, and a small cache keyed by the prompt-embedding tensor:
 
-- the *residual* of every wrapped layer is computed once per prompt embedding (routing and
-  all layers batched), and
-- each layer's full projection ``P(E) + R(E)`` is kept, so the 25-50 denoising steps of one
-  prompt cost no more than one.
+- the *residual* of every wrapped layer is computed once per prompt embedding (routing over all
+  concepts of all active adapters, every layer batched in one pass), and
+- each layer's full projection ``P(E) + R(E)`` is kept, so every denoising step after the first
+  skips the ``to_k`` / ``to_v`` matrix products altogether (faster than the base model).
+
+Per-forward bookkeeping happens once, in a forward pre-hook on the denoiser: it notices changes
+of the active set, scales or adapter parameters, checks that the wrappers are still in place,
+and hands each wrapper its ready projection (``CPELinear.cpe_prepared``); a post-hook takes them
+back. Inside the UNet a wrapper then does a single identity test, which ``torch.compile``
+traces without a graph break. A wrapper called in any other way (directly, on a transformed
+embedding) computes through :meth:`CPERuntime.project`, which checks everything itself.
 
 A cache entry is served only while the embedding is the very same tensor object (a weak
-reference, so a freed tensor whose memory is reused can never match), unchanged (its autograd
-version counter), with the same adapters/scales (a generation counter bumped on every change,
-including in-place edits of adapter parameters) and, per layer, the same weight storage and
-version. Whenever autograd would need the result, nothing is cached.
+reference, so a freed tensor whose memory is reused can never match; the entry is dropped when
+the tensor dies), unchanged (its autograd version counter), with the same adapters/scales (a
+generation counter bumped on every change, including in-place edits of adapter parameters) and,
+per layer, the same weight storage and version. Whenever autograd would need the result, nothing
+is cached. :func:`no_cache` (or ``CPE_ADAPTER_NO_CACHE=1``) turns the cache off to compare.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -31,11 +41,14 @@ from torch import nn
 from .adapter import CPEAdapter
 from .config import CPEConfig, TargetLayer
 from .errors import CPEAdapterError, ErasureIntegrityError, IncompatibleAdapterError
-from .gate import GATE_CHUNK, expand_residual, gate_values
-from .layer import CPELinear
+from .gate import best_concepts, routed_residual
+from .layer import CPELinear, is_compiling
 
 RUNTIME_ATTR = "_cpe_runtime"
-CACHE_ENTRIES = 8
+# Live prompt embeddings whose projections are kept; an entry also goes when its tensor is freed.
+CACHE_ENTRIES = 4
+NO_CACHE_ENV = "CPE_ADAPTER_NO_CACHE"
+_no_cache_depth = 0
 
 
 # ------------------------------------------------------------------------------ model discovery
@@ -93,7 +106,52 @@ def find_target_layers(denoiser: nn.Module) -> list[TargetLayer]:
 
 
 def _is_fused(attn: nn.Module) -> bool:
-    return bool(getattr(attn, "fused_projections", False)) or getattr(attn, "to_kv", None) is not None
+    """Whether this attention computes K/V through a fused ``to_kv`` instead of ``to_k``/``to_v``.
+
+    Fusing builds ``to_kv`` *and* installs a ``Fused*`` processor; ``unfuse_qkv_projections``
+    only restores the processors (``to_kv`` and ``fused_projections`` stay), after which
+    ``to_k``/``to_v`` are used again. So the processor decides.
+    """
+    has_fused = bool(getattr(attn, "fused_projections", False)) or getattr(attn, "to_kv", None) is not None
+    return has_fused and type(getattr(attn, "processor", None)).__name__.startswith("Fused")
+
+
+# UNet ``encoder_hid_dim_type`` values whose cross-attention sees a projection of the UNet's
+# ``encoder_hidden_states`` rather than the tensor itself (``ip_image_proj`` passes it through).
+_PROJECTED_TEXT = ("text_proj", "text_image_proj", "image_proj")
+
+
+# ------------------------------------------------------------------------------ cache switch
+def cache_globally_enabled() -> bool:
+    """False inside :func:`no_cache` or while the ``CPE_ADAPTER_NO_CACHE`` environment variable is set."""
+    return _no_cache_depth == 0 and os.environ.get(NO_CACHE_ENV, "") in ("", "0")
+
+
+@contextlib.contextmanager
+def no_cache() -> Iterator[None]:
+    """Recompute every projection (gates, routing, ``P(E) + R(E)``) on every call inside the block.
+
+    The cached and uncached paths run the very same kernels, so their outputs are bitwise equal;
+    this switch exists for tests and benchmarks that compare them.
+    """
+    global _no_cache_depth
+    _no_cache_depth += 1
+    try:
+        yield
+    finally:
+        _no_cache_depth -= 1
+
+
+def _version_of(tensor: torch.Tensor) -> int:
+    """Autograd version counter; inference-mode tensors have none (and cannot change outside it)."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
+def _unchanged_inference_tensor(snapshot: torch.Tensor | None, x: torch.Tensor) -> bool:
+    """Inference tensors have no version counter: compare against a copy taken when cached."""
+    if not x.is_inference():
+        return True
+    return snapshot is not None and torch.equal(snapshot, x)
 
 
 # ------------------------------------------------------------------------------------- the cache
@@ -102,23 +160,33 @@ class _PromptEntry:
     embeds_ref: weakref.ref
     version: int
     generation: int
-    device: torch.device
-    dtype: torch.dtype
-    residual: torch.Tensor | None
+    snapshot: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
     projections: dict[int, tuple[torch.Tensor, tuple]] = field(default_factory=dict)
 
 
-def _weight_signature(layer: nn.Linear) -> tuple:
-    bias = layer.bias
+def _weight_signature(layer: nn.Linear, outer: nn.Module | None = None) -> tuple:
+    """What identifies the weights a cached projection was computed with.
+
+    Storage and version counter of weight and bias, plus the merged-adapter list of a PEFT layer
+    wrapping ``layer`` (``outer``): PEFT merges a LoRA with ``weight.data += delta``, which
+    changes neither storage nor version.
+    """
+    weight, bias = layer.weight, layer.bias
+    merged = None if outer is None or outer is layer else getattr(outer, "merged_adapters", None)
     return (
-        layer.weight.data_ptr(),
-        layer.weight._version,
-        None if bias is None else (bias.data_ptr(), bias._version),
+        weight.data_ptr(),
+        _version_of(weight),
+        None if bias is None else (bias.data_ptr(), _version_of(bias)),
+        None if merged is None else tuple(merged),
     )
 
 
 class CPERuntime:
     """Adapters, active set and per-prompt cache of one denoiser."""
+
+    #: Per-runtime switch of the per-prompt cache (see also :func:`no_cache`).
+    cache_enabled: bool = True
 
     def __init__(self, denoiser: nn.Module) -> None:
         self.denoiser_ref = weakref.ref(denoiser)
@@ -129,10 +197,16 @@ class CPERuntime:
         self.active: list[str] = []
         self.enabled = True
         self.generation = 0
+        self._state: tuple = ()
+        self._watched: list[torch.Tensor] = []
         self._param_versions: tuple = ()
         self._cache: OrderedDict[int, _PromptEntry] = OrderedDict()
         self._lock = threading.RLock()
-        self._hook = None
+        self._hooks: list[Any] = []
+        self._wrappers: list[CPELinear] = []
+        self._slots: list[tuple[nn.Module, str, CPELinear]] = []
+        config = getattr(denoiser, "config", None)
+        self._embeds_reach_layers = getattr(config, "encoder_hid_dim_type", None) not in _PROJECTED_TEXT
 
     # ------------------------------------------------------------------------------- state
     def applies(self) -> bool:
@@ -140,10 +214,31 @@ class CPERuntime:
         return self.enabled and any(self.scales.get(name, 0.0) != 0.0 for name in self.active)
 
     def bump(self) -> None:
-        """Invalidate every cached residual (adapters, active set or scales changed)."""
+        """Invalidate every cached projection (adapters, active set, scales or their weights changed)."""
         with self._lock:
             self.generation += 1
             self._cache.clear()
+            self._state = self._snapshot()
+            self._watched = [p for _, adapter, _ in self.participants() for p in adapter.parameters()]
+            self._param_versions = tuple(_version_of(p) for p in self._watched)
+            active = self.applies()
+            for wrapper in self._wrappers:
+                wrapper.__dict__["cpe_active"] = active
+                wrapper.__dict__["cpe_prepared"] = None
+
+    def _snapshot(self) -> tuple:
+        active = tuple(self.active)
+        return (
+            self.enabled,
+            active,
+            tuple(self.scales.get(n, 0.0) for n in active),
+            tuple(id(self.adapters.get(n)) for n in active),
+        )
+
+    def sync(self) -> None:
+        """Bump if the active set, scales or adapter parameters changed since the last bump."""
+        if self._snapshot() != self._state or tuple(_version_of(p) for p in self._watched) != self._param_versions:
+            self.bump()
 
     def participants(self) -> list[tuple[str, CPEAdapter, float]]:
         """Active adapters at non-zero scale, in name order (ties in routing break by name)."""
@@ -186,7 +281,7 @@ class CPERuntime:
                     yield module, attr, child
 
     def attach(self) -> None:
-        """Wrap every target projection (idempotent) and install the integrity hook."""
+        """Wrap every target projection (idempotent) and install the forward hooks."""
         denoiser = self.denoiser_ref()
         if any(True for _ in self.wrapped_layers()):
             return
@@ -197,26 +292,35 @@ class CPERuntime:
                 "the eraser. Call `pipe.unfuse_qkv_projections()` before loading CPE adapters."
             )
         index = 0
+        wrappers, slots = [], []
         for _, attn in cross_attention_modules(denoiser):
             for proj in ("to_k", "to_v"):
                 parent, attr, linear = innermost_linear(getattr(attn, proj))
                 if parent is None:
                     parent, attr = attn, proj
-                setattr(parent, attr, CPELinear(linear, self, index))
+                wrapper = CPELinear(linear, self, index)
+                setattr(parent, attr, wrapper)
+                wrappers.append(wrapper)
+                slots.append((attn, proj, wrapper))
                 index += 1
-        self._hook = denoiser.register_forward_pre_hook(_integrity_hook)
+        self._wrappers, self._slots = wrappers, slots
+        self._hooks = [
+            denoiser.register_forward_pre_hook(_before_forward, with_kwargs=True),
+            denoiser.register_forward_hook(_after_forward, always_call=True),
+        ]
 
     def detach(self) -> None:
-        """Put plain ``nn.Linear`` layers back (sharing the current parameters) and drop the hook."""
+        """Put plain ``nn.Linear`` layers back (sharing the current parameters) and drop the hooks."""
         for parent, attr, wrapper in list(self.wrapped_layers()):
             original = wrapper.cpe_original
             original.weight = wrapper.weight
             original.bias = wrapper.bias
             setattr(parent, attr, original)
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        self._cache.clear()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.clear_cache()
+        self._wrappers, self._slots = [], []
 
     def verify(self) -> None:
         """Fail closed: raise if an active erasure could not be applied by the next forward."""
@@ -248,10 +352,53 @@ class CPERuntime:
                 f"{len(self.layers)}; reload the adapters."
             )
 
-    # --------------------------------------------------------------------------- computing
-    def _adapter_versions(self) -> tuple:
-        return tuple(p._version for _, a, _ in self.participants() for p in a.parameters())
+    def _check_slots(self) -> None:
+        """Per-forward integrity check: each wrapper still where it was put, no fused projections.
 
+        Costs a few dictionary lookups per layer; anything unusual falls through to the full
+        :meth:`verify` (which also runs on every new prompt).
+        """
+        for attn, proj, wrapper in self._slots:
+            module = attn._modules.get(proj)
+            moved = module is not wrapper and innermost_linear(module)[2] is not wrapper
+            if moved or (attn.__dict__.get("fused_projections", False) and _is_fused(attn)):
+                self.verify()
+                return
+
+    # ---------------------------------------------------------------------------- forward hooks
+    def before_forward(self, embeds: Any) -> None:
+        """Prepare every wrapper's projection of ``embeds`` for this denoiser call.
+
+        Runs once per UNet forward: notices state changes, checks integrity and, from the cache or
+        freshly when the weights sit on the embedding's device, hands each wrapper ``(E, P'(E))``.
+        """
+        self.sync()
+        if not self.applies():
+            return
+        if not (
+            self._embeds_reach_layers
+            and isinstance(embeds, torch.Tensor)
+            and embeds.dim() in (2, 3)
+            and embeds.shape[-1] == self.layers[0].in_features
+            and self._cacheable(embeds, projections=True)
+        ):
+            self.verify()  # the layers compute on their own; check the whole UNet once per call
+            return
+        self._check_slots()
+        with self._lock:
+            entry = self._lookup(embeds)
+            for wrapper in self._wrappers:
+                out = self._cached_output(entry, wrapper)
+                if out is None and wrapper.weight.device == embeds.device:
+                    out = self._compute_output(entry, wrapper, embeds)
+                wrapper.__dict__["cpe_prepared"] = None if out is None else (embeds, out)
+
+    def after_forward(self) -> None:
+        """Take the prepared projections back (a direct layer call later re-checks everything)."""
+        for wrapper in self._wrappers:
+            wrapper.__dict__["cpe_prepared"] = None
+
+    # --------------------------------------------------------------------------- computing
     def _follow(self, adapter: CPEAdapter, like: torch.Tensor) -> None:
         ref = adapter.gate_v
         if ref.device != like.device or ref.dtype != like.dtype:
@@ -261,7 +408,10 @@ class CPERuntime:
         """Routed residual of every layer for ``embeds`` ``[B, T, d]``: ``[B, T, sum(d_out)]``.
 
         Per token, the concept with the largest gate over all participating adapters wins
-        (METHOD.md §3); only its residual is applied, times its adapter's scale.
+        (METHOD.md §3); only its residual is applied, times its adapter's scale. Routing streams
+        over concepts (:func:`~cpe_adapter.gate.best_concepts`), the residual of all layers is
+        built per adapter from each token's own ``D`` and ``U``
+        (:func:`~cpe_adapter.gate.routed_residual`); nothing waits on the device.
         """
         participants = self.participants()
         if not participants:
@@ -272,86 +422,160 @@ class CPERuntime:
         squeeze = embeds.dim() == 2
         if squeeze:
             embeds = embeds.unsqueeze(0)
-        gates = torch.cat([_chunked_gates(embeds, adapter) for _, adapter, _ in participants])
-        winner = gates.argmax(dim=0)
-        batch, tokens, _ = embeds.shape
-        total = self.layer_offsets[-1]
-        residual = embeds.new_zeros(batch, tokens, total)
-        offset = 0
-        for _, adapter, scale in participants:
-            count = adapter.num_concepts
-            local = winner - offset
-            owned = (local >= 0) & (local < count)
-            offset += count
-            if not bool(owned.any()):
+        batch, tokens, dim = embeds.shape
+        best_gate = best_index = mixed = owner = None
+        for position, (_, adapter, _) in enumerate(participants):
+            key = None if adapter.config.tie_gate_qk else adapter.gate_b
+            gate, index, rows = best_concepts(embeds, adapter.gate_a, key, adapter.gate_v)
+            if best_gate is None:
+                best_gate, best_index, mixed = gate, index, rows
+                owner = torch.zeros_like(index)
                 continue
-            index = local.clamp(0, count - 1)
-            gate = gates[offset - count : offset].gather(0, local.clamp(0, count - 1).unsqueeze(0)).squeeze(0)
-            mixed = _routed_mixture(embeds, adapter, index)
-            weight = (owned.to(embeds.dtype) * gate * (scale * adapter.residual_scale)).unsqueeze(-1)
-            hidden = weight * mixed
-            codes = torch.einsum("btd,btdk->btk", hidden, adapter.down[index])
-            codes = codes.unflatten(-1, (len(self.layers), adapter.config.residual_rank))
-            residual = residual + expand_residual(codes, adapter.up[index], adapter.layer_of_column)
+            better = gate > best_gate  # strict: the adapter first by name keeps a tie
+            best_gate = torch.where(better, gate, best_gate)
+            best_index = torch.where(better, index, best_index)
+            mixed = torch.where(better.unsqueeze(-1), rows, mixed)
+            owner = torch.where(better, position, owner)
+        flat_index = best_index.reshape(-1)
+        layer_sizes = [t.out_features for t in self.layers]
+        residual = None
+        for position, (_, adapter, scale) in enumerate(participants):
+            weight = best_gate * (scale * adapter.residual_scale)
+            if len(participants) > 1:
+                weight = weight * (owner == position).to(weight.dtype)
+            hidden = (weight.unsqueeze(-1) * mixed).reshape(-1, dim)
+            part = routed_residual(
+                hidden,
+                flat_index.clamp(max=adapter.num_concepts - 1),
+                adapter.down,
+                adapter.up,
+                layer_sizes,
+                adapter.config.residual_rank,
+            )
+            residual = part if residual is None else residual + part
+        residual = residual.reshape(batch, tokens, -1)
         return residual.squeeze(0) if squeeze else residual
 
     def project(self, layer: CPELinear, x: torch.Tensor) -> torch.Tensor:
-        """``P(x) + R(x)`` for one wrapped layer, served from the per-prompt cache when valid."""
+        """``P(x) + R(x)`` for one wrapped layer, served from the per-prompt cache when valid.
+
+        Three levels: everything cached (inference); only the residual cached (autograd needs the
+        base weights, e.g. a UNet called outside ``torch.no_grad()``); nothing cached (autograd
+        needs the embedding or the adapters, or the cache is switched off).
+        """
+        self.sync()
+        if not self.applies():
+            return F.linear(x, layer.weight, layer.bias)
         start, stop = self.layer_offsets[layer.cpe_index], self.layer_offsets[layer.cpe_index + 1]
-        base = None
-        if torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad or self._adapters_need_grad()):
+        if not self._cacheable(x, projections=False):
             residual = self.residual(x, layer.weight)
-            base = F.linear(x, layer.weight, layer.bias)
-            return base if residual is None else base + residual[..., start:stop]
-        entry = self._entry(x, layer.weight)
-        signature = _weight_signature(layer)
+            return F.linear(x, layer.weight, layer.bias) + residual[..., start:stop]
+        with self._lock:
+            entry = self._lookup(x)
+            if not self._cacheable(x, projections=True):
+                residual = self._entry_residual(entry, x, layer.weight)
+                return F.linear(x, layer.weight, layer.bias) + residual[..., start:stop]
+            out = self._cached_output(entry, layer)
+            return self._compute_output(entry, layer, x) if out is None else out
+
+    def _cacheable(self, x: torch.Tensor, projections: bool) -> bool:
+        """Whether the residual (and, with ``projections``, the full outputs) may be cached for ``x``."""
+        if not (self.cache_enabled and cache_globally_enabled()):
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        if x.requires_grad or any(p.requires_grad for p in self._watched):
+            return False
+        if not projections:
+            return True
+        return not any(w.weight.requires_grad or (w.bias is not None and w.bias.requires_grad) for w in self._wrappers)
+
+    def _cached_output(self, entry: _PromptEntry, layer: CPELinear) -> torch.Tensor | None:
         cached = entry.projections.get(layer.cpe_index)
-        if cached is not None and cached[1] == signature:
-            return cached[0]
-        out = F.linear(x, layer.weight, layer.bias)
-        if entry.residual is not None:
-            out = out + entry.residual[..., start:stop]
-        entry.projections[layer.cpe_index] = (out, (*signature, out._version))
+        if cached is None:
+            return None
+        out, signature = cached
+        if signature != (*self._signature(layer), _version_of(out)):
+            return None
         return out
 
-    def _adapters_need_grad(self) -> bool:
-        return any(p.requires_grad for _, a, _ in self.participants() for p in a.parameters())
+    def _signature(self, layer: CPELinear) -> tuple:
+        slots = self._slots
+        index = layer.cpe_index
+        outer = None
+        if index < len(slots) and slots[index][2] is layer:
+            attn, proj, _ = slots[index]
+            outer = attn._modules.get(proj)
+        return _weight_signature(layer, outer)
 
-    def _entry(self, x: torch.Tensor, weight: torch.Tensor) -> _PromptEntry:
-        versions = self._adapter_versions()
-        with self._lock:
-            if versions != self._param_versions:
-                self._param_versions = versions
-                self.generation += 1
-                self._cache.clear()
-            key = id(x)
-            entry = self._cache.get(key)
-            if (
-                entry is not None
-                and entry.embeds_ref() is x
-                and entry.version == x._version
-                and entry.generation == self.generation
-                and entry.device == weight.device
-                and entry.dtype == weight.dtype
-            ):
-                self._cache.move_to_end(key)
-                return entry
-            entry = _PromptEntry(
-                embeds_ref=weakref.ref(x),
-                version=x._version,
-                generation=self.generation,
-                device=weight.device,
-                dtype=weight.dtype,
-                residual=self.residual(x, weight),
-            )
-            self._cache[key] = entry
-            while len(self._cache) > CACHE_ENTRIES:
-                self._cache.popitem(last=False)
+    def _entry_residual(self, entry: _PromptEntry, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        residual = entry.residual
+        if residual is None or residual.device != weight.device or residual.dtype != weight.dtype:
+            residual = entry.residual = self.residual(x, weight)
+        return residual
+
+    def _compute_output(self, entry: _PromptEntry, layer: CPELinear, x: torch.Tensor) -> torch.Tensor:
+        weight = layer.weight
+        residual = self._entry_residual(entry, x, weight)
+        start, stop = self.layer_offsets[layer.cpe_index], self.layer_offsets[layer.cpe_index + 1]
+        out = F.linear(x, weight, layer.bias) + residual[..., start:stop]
+        entry.projections[layer.cpe_index] = (out, (*self._signature(layer), _version_of(out)))
+        if len(entry.projections) == len(self.layers):
+            entry.residual = None  # every layer has its projection; recomputed only if one goes stale
+        return out
+
+    def _lookup(self, x: torch.Tensor) -> _PromptEntry:
+        """The live cache entry for the embedding tensor ``x`` (a new, empty one if none is valid)."""
+        key = id(x)
+        entry = self._cache.get(key)
+        if (
+            entry is not None
+            and entry.embeds_ref() is x
+            and entry.version == _version_of(x)
+            and entry.generation == self.generation
+            and _unchanged_inference_tensor(entry.snapshot, x)
+        ):
+            self._cache.move_to_end(key)
             return entry
+        self.verify()
+        cache = self._cache
+
+        lock = self._lock
+
+        def forget(ref: weakref.ref, key: int = key) -> None:
+            with lock:
+                stale = cache.get(key)
+                if stale is not None and stale.embeds_ref is ref:
+                    cache.pop(key, None)
+
+        entry = _PromptEntry(
+            embeds_ref=weakref.ref(x, forget),
+            version=_version_of(x),
+            generation=self.generation,
+            snapshot=x.clone() if x.is_inference() else None,
+        )
+        cache[key] = entry
+        cache.move_to_end(key)
+        while len(cache) > CACHE_ENTRIES:
+            cache.popitem(last=False)
+        return entry
+
+    def cached_bytes(self) -> int:
+        """Bytes held by the per-prompt cache now (projections and any pending residuals)."""
+        with self._lock:
+            total = 0
+            for entry in self._cache.values():
+                if entry.residual is not None:
+                    total += entry.residual.numel() * entry.residual.element_size()
+                total += sum(out.numel() * out.element_size() for out, _ in entry.projections.values())
+            return total
 
     def clear_cache(self) -> None:
+        """Drop every cached projection."""
         with self._lock:
             self._cache.clear()
+            for wrapper in self._wrappers:
+                wrapper.__dict__["cpe_prepared"] = None
 
 
 def _offsets(sizes: list[int]) -> list[int]:
@@ -361,30 +585,42 @@ def _offsets(sizes: list[int]) -> list[int]:
     return offsets
 
 
-def _chunked_gates(embeds: torch.Tensor, adapter: CPEAdapter) -> torch.Tensor:
-    """Gate values ``[N, B, T]`` of all of an adapter's concepts, ``GATE_CHUNK`` concepts at a time."""
-    key = adapter.key_weight()
-    parts = []
-    for start in range(0, adapter.num_concepts, GATE_CHUNK):
-        stop = start + GATE_CHUNK
-        gates, _ = gate_values(embeds, adapter.gate_a[start:stop], key[start:stop], adapter.gate_v[start:stop])
-        parts.append(gates)
-    return torch.cat(parts)
+def _embeds_argument(args: tuple, kwargs: dict) -> Any:
+    if "encoder_hidden_states" in kwargs:
+        return kwargs["encoder_hidden_states"]
+    return args[2] if len(args) > 2 else None
 
 
-def _routed_mixture(embeds: torch.Tensor, adapter: CPEAdapter, index: torch.Tensor) -> torch.Tensor:
-    """``Ē_c*[t] = S_c*[t] E`` with each token's own winning concept ``c* = index[b, t]``."""
-    queries = torch.einsum("btd,btdm->btm", embeds, adapter.gate_a[index])
-    key_weight = adapter.key_weight()[index]
-    keys = torch.einsum("bsd,btdm->btsm", embeds, key_weight)
-    mixing = torch.softmax(torch.einsum("btm,btsm->bts", queries, keys), dim=-1)
-    return mixing @ embeds
-
-
-def _integrity_hook(module: nn.Module, args: Any) -> None:
-    runtime = getattr(module, RUNTIME_ATTR, None)
+def _before_forward_impl(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    runtime = module.__dict__.get(RUNTIME_ATTR)
     if runtime is not None:
-        runtime.verify()
+        runtime.before_forward(_embeds_argument(args, kwargs))
+
+
+def _after_forward_impl(module: nn.Module) -> None:
+    runtime = module.__dict__.get(RUNTIME_ATTR)
+    if runtime is not None:
+        runtime.after_forward()
+
+
+# The bookkeeping reads weak references, version counters and Python state that torch.compile
+# must not trace; under compilation it runs eagerly, outside the graph, before and after it.
+_before_forward_untraced = torch.compiler.disable(_before_forward_impl)
+_after_forward_untraced = torch.compiler.disable(_after_forward_impl)
+
+
+def _before_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    if is_compiling():
+        _before_forward_untraced(module, args, kwargs)
+    else:
+        _before_forward_impl(module, args, kwargs)
+
+
+def _after_forward(module: nn.Module, args: tuple, output: Any) -> None:
+    if is_compiling():
+        _after_forward_untraced(module)
+    else:
+        _after_forward_impl(module)
 
 
 def get_runtime(denoiser: nn.Module, create: bool = False) -> CPERuntime | None:

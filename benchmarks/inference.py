@@ -1,0 +1,431 @@
+"""End-to-end inference cost of CPE adapters, measured against the base pipeline in the same run.
+
+Every variant (base, CPE adapters with 1/10/100/1,000 concepts, 20 stacked adapters, a diffusers
+PEFT LoRA of rank 1 on the same ``attn2.to_k``/``to_v`` projections) runs the same pipeline call;
+variants are interleaved, several repetitions each, and the minimum and median time are reported
+as ratios to the base. Also: peak extra memory, adapter file size per concept, and load time.
+
+Models: ``tiny`` (cpe_adapter.testing's offline SD 1.x pipeline) and ``sd15`` (a full-size SD 1.5
+architecture with random weights, built offline). Needs only torch, diffusers, transformers and
+peft besides this checkout (``src/`` is put on the path).
+
+    python benchmarks/inference.py --quick                     # smoke run, ~1 minute on a laptop CPU
+    python benchmarks/inference.py --models tiny,sd15          # the CPU tables of docs/benchmarks.md
+    python benchmarks/inference.py --models sd15 --device cuda --dtype float16   # 512 px, 50 steps, batch 2
+    python benchmarks/inference.py --models tiny --compile     # adds torch.compile(pipe.unet) variants
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+import cpe_adapter  # noqa: F401  (installs the pipeline methods)
+from cpe_adapter import CPEAdapter
+from cpe_adapter.runtime import denoiser_of, find_target_layers, get_runtime
+from cpe_adapter.testing import tiny_clip_tokenizer, tiny_pipeline
+
+PROMPT = "a portrait of a famous painter in a garden, oil painting"
+
+
+# ------------------------------------------------------------------------------------ models
+def sd15_unet() -> UNet2DConditionModel:
+    """The SD 1.5 UNet architecture (860M parameters), random weights."""
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def sd15_pipeline() -> StableDiffusionPipeline:
+    """SD 1.5 architecture end to end (CLIP ViT-L/14 text tower, SD VAE, UNet), random weights, offline."""
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=sd15_unet(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def random_adapter(layers, count: int, seed: int, dtype: torch.dtype, device: str) -> CPEAdapter:
+    """A names-preset adapter (r=1, m=16) with random nonzero weights: every concept routes and acts."""
+    adapter = CPEAdapter.for_layers(layers, [f"concept {seed}-{i}" for i in range(count)], "names")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in adapter.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return adapter.to(device=device, dtype=dtype)
+
+
+def module_bytes(*modules: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def pipeline_bytes(pipe) -> int:
+    return module_bytes(denoiser_of(pipe), pipe.text_encoder, pipe.vae)
+
+
+# ----------------------------------------------------------------------------------- variants
+class Variant:
+    """A named change to the pipeline, applied before a timed call and undone after it."""
+
+    def __init__(
+        self,
+        name: str,
+        setup: Callable[[], None],
+        teardown: Callable[[], None],
+        adapter_bytes: int = 0,
+        adapter_names: list[str] | None = None,
+    ):
+        self.name, self.setup, self.teardown, self.adapter_bytes = name, setup, teardown, adapter_bytes
+        self.adapter_names = adapter_names or []
+        self.times: list[float] = []
+        self.cache_bytes = 0
+        self.cuda_peak = 0
+
+
+def cpe_variant(pipe, name: str, adapters: list[CPEAdapter]) -> Variant:
+    names = [f"{name}-{index}" for index in range(len(adapters))]
+
+    def setup() -> None:
+        for adapter_name, adapter in zip(names, adapters, strict=True):
+            pipe.load_cpe_adapter(adapter, adapter_name)
+
+    def teardown() -> None:
+        pipe.unload_cpe_adapter(names)
+
+    return Variant(name, setup, teardown, sum(module_bytes(a) for a in adapters), names)
+
+
+def lora_variant(pipe, dtype: torch.dtype) -> Variant:
+    from peft import LoraConfig
+
+    unet = denoiser_of(pipe)
+    config = LoraConfig(r=1, lora_alpha=1, init_lora_weights=False, target_modules=["attn2.to_k", "attn2.to_v"])
+
+    def setup() -> None:
+        torch.manual_seed(0)
+        unet.add_adapter(config, adapter_name="peer")
+        if dtype != torch.float32:
+            unet.to(dtype=dtype)
+
+    def teardown() -> None:
+        unet.unload_lora()
+
+    return Variant("lora r=1 (PEFT)", setup, teardown)
+
+
+def build_variants(pipe, concepts: list[int], stacked: int, dtype, device, lora: bool) -> list[Variant]:
+    layers = find_target_layers(denoiser_of(pipe))
+    variants = [Variant("base", lambda: None, lambda: None)]
+    for count in concepts:
+        adapter = random_adapter(layers, count, count, dtype, device)
+        variants.append(cpe_variant(pipe, f"cpe {count} concept{'s' * (count > 1)}", [adapter]))
+    if stacked:
+        adapters = [random_adapter(layers, 1, 1000 + i, dtype, device) for i in range(stacked)]
+        variants.append(cpe_variant(pipe, f"cpe {stacked} stacked adapters", adapters))
+    if lora:
+        variants.append(lora_variant(pipe, dtype))
+    return variants
+
+
+# ------------------------------------------------------------------------------------- timing
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_call(pipe, variant: Variant, args: argparse.Namespace, size: int) -> float:
+    def watch(pipeline, step, timestep, kwargs):
+        runtime = get_runtime(denoiser_of(pipeline))
+        if runtime is not None:
+            variant.cache_bytes = max(variant.cache_bytes, runtime.cached_bytes())
+        return {}
+
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    synchronize(args.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        pipe(
+            [PROMPT] * args.batch,
+            height=size,
+            width=size,
+            num_inference_steps=args.steps,
+            guidance_scale=7.5,
+            generator=torch.Generator(args.device).manual_seed(0),
+            output_type="np",
+            callback_on_step_end=watch,
+        )
+    synchronize(args.device)
+    elapsed = time.perf_counter() - start
+    if args.device.startswith("cuda"):
+        variant.cuda_peak = max(variant.cuda_peak, torch.cuda.max_memory_allocated())
+    return elapsed
+
+
+def run_interleaved(pipe, variants: list[Variant], args: argparse.Namespace, size: int) -> None:
+    """Warm every variant once, then ``reps`` rounds, each round all variants in a rotated order."""
+    for rep in range(-1, args.reps):
+        order = variants[rep % len(variants) :] + variants[: rep % len(variants)] if rep >= 0 else variants
+        for variant in order:
+            variant.setup()
+            try:
+                elapsed = timed_call(pipe, variant, args, size)
+            finally:
+                variant.teardown()
+            if rep >= 0:
+                variant.times.append(elapsed)
+        if rep >= 0:
+            print(f"  round {rep + 1}/{args.reps} done", file=sys.stderr)
+
+
+def report(title: str, pipe, variants: list[Variant], args: argparse.Namespace) -> dict[str, Any]:
+    base = variants[0]
+    base_min, base_med = min(base.times), statistics.median(base.times)
+    base_bytes = pipeline_bytes(pipe)
+    print(f"\n### {title}\n")
+    print(f"base pipeline weights: {base_bytes / 2**20:.0f} MiB; min {base_min:.3f} s, median {base_med:.3f} s\n")
+    header = "| variant | min s | median s | min ratio | median ratio | adapter MiB | cache MiB (% of base) |"
+    print(header)
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for variant in variants:
+        low, mid = min(variant.times), statistics.median(variant.times)
+        extra = variant.cache_bytes
+        row = {
+            "variant": variant.name,
+            "min_s": low,
+            "median_s": mid,
+            "min_ratio": low / base_min,
+            "median_ratio": mid / base_med,
+            "adapter_bytes": variant.adapter_bytes,
+            "cache_bytes": extra,
+            "times": variant.times,
+        }
+        if args.device.startswith("cuda"):
+            row["cuda_peak_bytes"] = variant.cuda_peak
+            row["cuda_peak_extra_bytes"] = variant.cuda_peak - base.cuda_peak
+        rows.append(row)
+        print(
+            f"| {variant.name} | {low:.3f} | {mid:.3f} | {low / base_min:.3f}x | {mid / base_med:.3f}x | "
+            f"{variant.adapter_bytes / 2**20:.1f} | {extra / 2**20:.2f} ({100 * extra / base_bytes:.2f}%) |"
+        )
+    if args.device.startswith("cuda"):
+        print("\n| variant | CUDA peak MiB | extra over base MiB (% of base peak) |\n|---|---|---|")
+        for row in rows:
+            extra = row["cuda_peak_extra_bytes"]
+            print(
+                f"| {row['variant']} | {row['cuda_peak_bytes'] / 2**20:.0f} | {extra / 2**20:.1f} "
+                f"({100 * extra / max(base.cuda_peak, 1):.2f}%) |"
+            )
+    return {"title": title, "base_pipeline_bytes": base_bytes, "rows": rows}
+
+
+# -------------------------------------------------------------------------------- file sizes
+def file_sizes(device: str) -> dict[str, Any]:
+    """Bytes per concept of a names-preset adapter file on the SD 1.5 layout, fp32 and fp16, and load time."""
+    with torch.device("meta"):
+        layers = find_target_layers(sd15_unet())
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype, label in ((torch.float32, "fp32"), (torch.float16, "fp16")):
+            sizes = {}
+            for count in (1, 10):
+                folder = Path(tmp) / f"{label}-{count}"
+                random_adapter(layers, count, count, dtype, "cpu").save_pretrained(folder, model_card=False)
+                sizes[count] = (folder / "cpe_adapter.safetensors").stat().st_size
+            loaded = CPEAdapter.from_pretrained(Path(tmp) / f"{label}-1")
+            result[label] = {
+                "bytes_per_concept": (sizes[10] - sizes[1]) / 9,
+                "file_bytes_1_concept": sizes[1],
+                "dtype_after_load": str(loaded.gate_a.dtype),
+            }
+        for count in (100, 1000):
+            folder = Path(tmp) / f"fp32-{count}"
+            random_adapter(layers, count, count, torch.float32, "cpu").save_pretrained(folder, model_card=False)
+            result[f"load_{count}_concepts_s"] = best_load_time([folder], device)
+            result[f"file_bytes_{count}_concepts"] = (folder / "cpe_adapter.safetensors").stat().st_size
+        singles = []
+        for index in range(20):
+            singles.append(Path(tmp) / f"single-{index}")
+            random_adapter(layers, 1, 2000 + index, torch.float32, "cpu").save_pretrained(singles[-1], model_card=False)
+        result["load_20_stacked_s"] = best_load_time(singles, device)
+    print("\n### Adapter files (names preset r=1, m=16, SD 1.5 layout: 32 projections, d=768)\n")
+    print("| dtype | KB per concept | 1-concept file KB |\n|---|---|---|")
+    for label in ("fp32", "fp16"):
+        info = result[label]
+        print(f"| {label} | {info['bytes_per_concept'] / 1000:.1f} | {info['file_bytes_1_concept'] / 1000:.1f} |")
+    for count in (100, 1000):
+        print(
+            f"\nloading a {count}-concept fp32 adapter ({result[f'file_bytes_{count}_concepts'] / 1e6:.1f} MB) from "
+            f"disk: {result[f'load_{count}_concepts_s']:.3f} s (best of 3)"
+        )
+    print(f"\nloading 20 one-concept adapters from disk: {result['load_20_stacked_s']:.3f} s (best of 3)")
+    return result
+
+
+def best_load_time(folders: list[Path], device: str) -> float:
+    """Best of three: read, validate and place on ``device`` every adapter in ``folders``."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for folder in folders:
+            CPEAdapter.from_pretrained(folder).to(device)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+# --------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="tiny,sd15", help="comma-separated: tiny, sd15 (empty: files only)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50 on cuda, 4 on cpu)")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels for sd15 (cuda 512, cpu 128)")
+    parser.add_argument("--batch", type=int, default=None, help="prompts per call, CFG doubles it (cuda 2, cpu 1)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--concepts", default="1,10,100,1000")
+    parser.add_argument("--stacked", type=int, default=20)
+    parser.add_argument("--no-lora", action="store_true", help="skip the PEFT LoRA peer")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(pipe.unet)")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", type=Path, default=None, help="write all figures here")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 2 reps, up to 100 concepts")
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if args.quick:
+        args.models, args.reps, args.concepts, args.stacked = "tiny", 2, "1,100", 4
+    args.steps = args.steps or (50 if cuda else 4)
+    args.batch = args.batch or (2 if cuda else 1)
+    args.size = args.size or (512 if cuda else 128)
+    return args
+
+
+def run_model(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    dtype = getattr(torch, args.dtype)
+    print(f"building {model} ...", file=sys.stderr)
+    pipe = tiny_pipeline("sd") if model == "tiny" else sd15_pipeline()
+    pipe = pipe.to(args.device, dtype)
+    size = 64 if model == "tiny" else args.size
+    concepts = [int(c) for c in args.concepts.split(",") if c]
+    variants = build_variants(pipe, concepts, args.stacked, dtype, args.device, lora=not args.no_lora)
+    setting = f"{args.device} {args.dtype}, {size} px, {args.steps} steps, batch {args.batch} (+CFG)"
+    run_interleaved(pipe, variants, args, size)
+    results = [report(f"{model}, eager, {setting}", pipe, variants, args)]
+    if args.compile:
+        results.append(run_compiled(pipe, model, variants, args, size, setting))
+    return results
+
+
+def run_compiled(pipe, model: str, variants: list[Variant], args, size: int, setting: str) -> dict[str, Any]:
+    """torch.compile(pipe.unet): the adapters stay loaded and the active set switches (no recompiles)."""
+    import torch._dynamo
+
+    counter = torch._dynamo.utils.counters
+    original = pipe.unet
+    cpe = [v for v in variants if v.adapter_names]
+    for variant in cpe:
+        variant.setup()
+
+    def activate(names: list[str]) -> Callable[[], None]:
+        return lambda: pipe.set_cpe_adapters(names)
+
+    compiled_variants = [Variant("base (adapters disabled)", pipe.disable_cpe_adapters, pipe.enable_cpe_adapters)]
+    compiled_variants += [Variant(v.name, activate(v.adapter_names), lambda: None, v.adapter_bytes) for v in cpe]
+    pipe.unet = torch.compile(original, backend=args.compile_backend)
+    try:
+        run_interleaved(pipe, compiled_variants, args, size)
+    finally:
+        pipe.unet = original
+        pipe.unload_cpe_adapter()
+    result = report(f"{model}, torch.compile({args.compile_backend}), {setting}", pipe, compiled_variants, args)
+    result["unique_graphs"] = int(counter["stats"]["unique_graphs"])
+    print(f"\ngraphs compiled in this run: {result['unique_graphs']}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    diffusers.utils.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    figures: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__}
+    if args.device.startswith("cuda"):
+        figures["gpu"] = torch.cuda.get_device_name()
+    figures["files"] = file_sizes(args.device)
+    figures["runs"] = []
+    for model in filter(None, (m.strip() for m in args.models.split(","))):
+        figures["runs"] += run_model(model, args)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

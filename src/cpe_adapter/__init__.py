@@ -25,6 +25,7 @@ from .loaders import (
     save_cpe_adapter,
     set_cpe_adapters,
     unload_cpe_adapter,
+    use_cpe_adapters,
 )
 from .provenance import verify_adapter
 from .training import train_cpe
@@ -55,5 +56,6 @@ __all__ = [
     "set_cpe_adapters",
     "train_cpe",
     "unload_cpe_adapter",
+    "use_cpe_adapters",
     "verify_adapter",
 ]

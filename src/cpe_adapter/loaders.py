@@ -7,10 +7,11 @@ changes state, so a failed call leaves already loaded adapters exactly as they w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +124,10 @@ def _check_scale(scale: Any) -> None:
         raise CPEAdapterError(f"Adapter scales must be finite numbers, got {scale!r}.")
 
 
-def set_cpe_adapters(
-    pipe: Any, adapter_names: str | Sequence[str], scales: float | Sequence[float] | None = None
-) -> None:
-    """Make exactly ``adapter_names`` active, with per-adapter ``scales`` (default 1.0 each)."""
-    runtime = _runtime(pipe)
+def _selection(
+    runtime: CPERuntime, adapter_names: str | Sequence[str], scales: float | Sequence[float] | None
+) -> tuple[list[str], dict[str, float]]:
+    """Checked ``(names, {name: scale})`` for :func:`set_cpe_adapters` and :func:`use_cpe_adapters`."""
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     _check_names(runtime, names)
     if len(set(names)) != len(names):
@@ -142,9 +142,33 @@ def set_cpe_adapters(
             raise CPEAdapterError(f"Got {len(values)} scales for {len(names)} adapters; pass one scale per adapter.")
     for value in values:
         _check_scale(value)
+    return names, {n: float(v) for n, v in zip(names, values, strict=True)}
+
+
+def set_cpe_adapters(
+    pipe: Any, adapter_names: str | Sequence[str], scales: float | Sequence[float] | None = None
+) -> None:
+    """Make exactly ``adapter_names`` active, with per-adapter ``scales`` (default 1.0 each)."""
+    runtime = _runtime(pipe)
+    names, values = _selection(runtime, adapter_names, scales)
     runtime.active = names
-    runtime.scales.update({n: float(v) for n, v in zip(names, values, strict=True)})
+    runtime.scales.update(values)
     runtime.bump()
+
+
+@contextlib.contextmanager
+def use_cpe_adapters(
+    pipe: Any, adapter_names: str | Sequence[str], scales: float | Sequence[float] | None = None
+) -> Iterator[None]:
+    """Inside the block, the *calling thread* uses ``adapter_names`` at ``scales``; others are unaffected.
+
+    For servers where several threads share one UNet (pipelines made with ``from_pipe``) and each
+    request chooses its erasers. ``disable_cpe_adapters`` still switches erasure off everywhere.
+    """
+    runtime = _runtime(pipe)
+    names, values = _selection(runtime, adapter_names, scales)
+    with runtime.thread_selection(names, values):
+        yield
 
 
 def get_active_cpe_adapters(pipe: Any) -> list[str]:
@@ -248,6 +272,7 @@ def _pick(pipe: Any, adapter_name: str | None) -> CPEAdapter:
 PIPELINE_METHODS = {
     "load_cpe_adapter": load_cpe_adapter,
     "set_cpe_adapters": set_cpe_adapters,
+    "use_cpe_adapters": use_cpe_adapters,
     "get_active_cpe_adapters": get_active_cpe_adapters,
     "list_cpe_adapters": list_cpe_adapters,
     "get_cpe_adapter": get_cpe_adapter,

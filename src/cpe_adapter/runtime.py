@@ -26,6 +26,7 @@ is cached. :func:`no_cache` (or ``CPE_ADAPTER_NO_CACHE=1``) turns the cache off 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import threading
 import weakref
@@ -154,12 +155,21 @@ def _unchanged_inference_tensor(snapshot: torch.Tensor | None, x: torch.Tensor) 
     return snapshot is not None and torch.equal(snapshot, x)
 
 
+# ------------------------------------------------------------------------------ per-thread choice
+# ``use_adapters`` overrides the active set and scales of a runtime in the current thread (or
+# asyncio task) only: {id(runtime): (active names, scales)}.
+_SELECTION: contextvars.ContextVar[dict[int, tuple[tuple[str, ...], dict[str, float]]] | None] = contextvars.ContextVar(
+    "cpe_adapter_selection", default=None
+)
+
+
 # ------------------------------------------------------------------------------------- the cache
 @dataclass
 class _PromptEntry:
     embeds_ref: weakref.ref
     version: int
     generation: int
+    routing: tuple = ()
     snapshot: torch.Tensor | None = None
     residual: torch.Tensor | None = None
     projections: dict[int, tuple[torch.Tensor, tuple]] = field(default_factory=dict)
@@ -207,11 +217,41 @@ class CPERuntime:
         self._slots: list[tuple[nn.Module, str, CPELinear]] = []
         config = getattr(denoiser, "config", None)
         self._embeds_reach_layers = getattr(config, "encoder_hid_dim_type", None) not in _PROJECTED_TEXT
+        self._thread_selections = 0
 
     # ------------------------------------------------------------------------------- state
+    def selection(self) -> tuple[list[str] | tuple[str, ...], dict[str, float]]:
+        """``(active names, scales)`` in force for the calling thread (see :func:`use_adapters`)."""
+        overrides = _SELECTION.get()
+        if overrides is not None and id(self) in overrides:
+            return overrides[id(self)]
+        return self.active, self.scales
+
     def applies(self) -> bool:
-        """Whether any adapter acts on the projections now."""
-        return self.enabled and any(self.scales.get(name, 0.0) != 0.0 for name in self.active)
+        """Whether any adapter acts on the projections now (in the calling thread)."""
+        active, scales = self.selection()
+        return self.enabled and any(scales.get(name, 0.0) != 0.0 for name in active)
+
+    def routing_key(self) -> tuple:
+        """What the routed residual depends on besides the embedding: who takes part, at what scale."""
+        return tuple((name, id(adapter), scale) for name, adapter, scale in self.participants())
+
+    @contextlib.contextmanager
+    def thread_selection(self, names: list[str], scales: dict[str, float]) -> Iterator[None]:
+        """Use ``names`` at ``scales`` in the calling thread only, for the duration of the block."""
+        current = dict(_SELECTION.get() or {})
+        current[id(self)] = (tuple(names), dict(scales))
+        token = _SELECTION.set(current)
+        with self._lock:
+            self._thread_selections += 1
+            self.bump()
+        try:
+            yield
+        finally:
+            _SELECTION.reset(token)
+            with self._lock:
+                self._thread_selections -= 1
+                self.bump()
 
     def bump(self) -> None:
         """Invalidate every cached projection (adapters, active set, scales or their weights changed)."""
@@ -219,9 +259,11 @@ class CPERuntime:
             self.generation += 1
             self._cache.clear()
             self._state = self._snapshot()
-            self._watched = [p for _, adapter, _ in self.participants() for p in adapter.parameters()]
+            self._watched = [p for adapter in self.adapters.values() for p in adapter.parameters()]
             self._param_versions = tuple(_version_of(p) for p in self._watched)
-            active = self.applies()
+            # With per-thread selections, any loaded adapter may act in some thread: every layer
+            # then takes the checked path (never the prepared fast path, which is shared).
+            active = self.enabled and (self._thread_selections > 0 or self.applies())
             for wrapper in self._wrappers:
                 wrapper.__dict__["cpe_active"] = active
                 wrapper.__dict__["cpe_prepared"] = None
@@ -242,7 +284,10 @@ class CPERuntime:
 
     def participants(self) -> list[tuple[str, CPEAdapter, float]]:
         """Active adapters at non-zero scale, in name order (ties in routing break by name)."""
-        return [(n, self.adapters[n], self.scales[n]) for n in sorted(self.active) if self.scales.get(n, 0.0) != 0.0]
+        active, scales = self.selection()
+        return [
+            (n, self.adapters[n], scales[n]) for n in sorted(active) if n in self.adapters and scales.get(n, 0.0) != 0.0
+        ]
 
     def check_compatible(self, config: CPEConfig, source: str = "adapter") -> None:
         """Raise :class:`IncompatibleAdapterError` unless ``config`` matches this denoiser's layers."""
@@ -383,6 +428,9 @@ class CPERuntime:
             and self._cacheable(embeds, projections=True)
         ):
             self.verify()  # the layers compute on their own; check the whole UNet once per call
+            return
+        if self._thread_selections:
+            self.verify()  # threads choose their own adapters: layers look up their own entries
             return
         self._check_slots()
         with self._lock:
@@ -533,6 +581,7 @@ class CPERuntime:
             and entry.embeds_ref() is x
             and entry.version == _version_of(x)
             and entry.generation == self.generation
+            and entry.routing == self.routing_key()
             and _unchanged_inference_tensor(entry.snapshot, x)
         ):
             self._cache.move_to_end(key)
@@ -552,6 +601,7 @@ class CPERuntime:
             embeds_ref=weakref.ref(x, forget),
             version=_version_of(x),
             generation=self.generation,
+            routing=self.routing_key(),
             snapshot=x.clone() if x.is_inference() else None,
         )
         cache[key] = entry

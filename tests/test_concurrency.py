@@ -1,0 +1,110 @@
+"""Threads sharing one UNet: per-thread adapter choices and prompts never mix residuals."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+import cpe_adapter
+from conftest import random_adapter
+from cpe_adapter.testing import tiny_pipeline
+
+PROMPTS = {"a": "a painting by Van Gogh", "b": "a photo of Taylor Swift on a stage"}
+
+
+def latents(pipe: Any, prompt: str) -> np.ndarray:
+    generator = torch.Generator().manual_seed(0)
+    out = pipe(prompt, num_inference_steps=2, height=64, width=64, generator=generator, output_type="latent")
+    return out.images.numpy()
+
+
+@pytest.fixture(scope="module")
+def shared() -> tuple[Any, Any]:
+    pipe = tiny_pipeline("sd")
+    pipe.load_cpe_adapter(random_adapter(pipe, "Van Gogh", seed=1), adapter_name="a")
+    pipe.load_cpe_adapter(random_adapter(pipe, "Taylor Swift", seed=2), adapter_name="b")
+    other = StableDiffusionPipeline.from_pipe(pipe)
+    other.set_progress_bar_config(disable=True)
+    assert other.unet is pipe.unet
+    return pipe, other
+
+
+def expected(shared: tuple[Any, Any], name: str, prompt: str) -> np.ndarray:
+    pipe, _ = shared
+    pipe.set_cpe_adapters([name])
+    try:
+        return latents(pipe, prompt)
+    finally:
+        pipe.set_cpe_adapters(["a", "b"])
+
+
+def run_threads(work: dict[str, Any], rounds: int = 4) -> dict[str, list[np.ndarray]]:
+    results: dict[str, list[np.ndarray]] = {key: [] for key in work}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(work))
+
+    def worker(key: str) -> None:
+        try:
+            barrier.wait()
+            for _ in range(rounds):
+                results[key].append(work[key]())
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(key,)) for key in work]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_each_thread_uses_its_own_adapters(shared: tuple[Any, Any]) -> None:
+    pipe, other = shared
+    want = {key: expected(shared, key, PROMPTS["a"]) for key in ("a", "b")}
+    assert not np.array_equal(want["a"], want["b"]), "the two erasers must act differently on the prompt"
+
+    def job(p: Any, key: str) -> Any:
+        def run() -> np.ndarray:
+            with cpe_adapter.use_cpe_adapters(p, [key]):
+                return latents(p, PROMPTS["a"])
+
+        return run
+
+    results = run_threads({"a": job(pipe, "a"), "b": job(other, "b")})
+    for key, images in results.items():
+        for image in images:
+            np.testing.assert_array_equal(image, want[key])
+    assert pipe.get_active_cpe_adapters() == ["a", "b"], "a thread's choice must not leak into the shared state"
+
+
+def test_threads_with_different_prompts_get_their_own_erasure(shared: tuple[Any, Any]) -> None:
+    pipe, other = shared
+    want = {key: latents(pipe, prompt) for key, prompt in PROMPTS.items()}
+    pipes = dict(zip(PROMPTS, (pipe, other), strict=True))
+    results = run_threads({key: (lambda p=pipes[key], q=q: latents(p, q)) for key, q in PROMPTS.items()})
+    for key, images in results.items():
+        for image in images:
+            np.testing.assert_array_equal(image, want[key])
+
+
+def test_thread_choice_ends_with_the_block_and_is_checked(shared: tuple[Any, Any]) -> None:
+    pipe, _ = shared
+    both = latents(pipe, PROMPTS["a"])
+    with cpe_adapter.use_cpe_adapters(pipe, ["a"], scales=[0.0]):
+        plain = latents(pipe, PROMPTS["a"])
+    pipe.disable_cpe_adapters()
+    try:
+        np.testing.assert_array_equal(plain, latents(pipe, PROMPTS["a"]))
+    finally:
+        pipe.enable_cpe_adapters()
+    np.testing.assert_array_equal(both, latents(pipe, PROMPTS["a"]))
+    with pytest.raises(cpe_adapter.CPEAdapterError, match="nope"), cpe_adapter.use_cpe_adapters(pipe, ["nope"]):
+        pass

@@ -39,15 +39,6 @@ VARIANTS = {
 _PIPES: dict[str, Any] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny models run ~10x faster on one thread than with intra-op threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pipe(kind: str) -> Any:
     """One tiny pipeline per kind for the whole module (tests leave it without adapters)."""
     if kind not in _PIPES:

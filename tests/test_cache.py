@@ -23,15 +23,6 @@ def random_adapter(pipe, count: int, seed: int, spread: float = 0.5, **overrides
     return adapter
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny kernels: a second intra-op thread only adds contention on a shared CI machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     return tiny_pipeline("sd")

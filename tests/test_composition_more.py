@@ -38,15 +38,6 @@ IMAGE_EMBED_DIM = 16
 _SHARED: dict[str, Any] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny models run ~10x faster on one thread than with intra-op threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _shared_pipe() -> Any:
     if "pipe" not in _SHARED:
         _SHARED["pipe"] = tiny_pipeline("sd")

@@ -28,14 +28,6 @@ TOKENS = 9
 _SHARED: dict[str, Any] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def pipe() -> Iterator[Any]:
     if "pipe" not in _SHARED:

@@ -31,84 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
 import cpe_adapter  # noqa: F401  (installs the pipeline methods)
 from cpe_adapter import CPEAdapter
 from cpe_adapter.runtime import denoiser_of, find_target_layers, get_runtime
-from cpe_adapter.testing import tiny_clip_tokenizer, tiny_pipeline
+from cpe_adapter.testing import sd15_random_pipeline, sd15_unet, tiny_pipeline
 
 PROMPT = "a portrait of a famous painter in a garden, oil painting"
 
 
 # ------------------------------------------------------------------------------------ models
-def sd15_unet() -> UNet2DConditionModel:
-    """The SD 1.5 UNet architecture (860M parameters), random weights."""
-    return UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-
-
-def sd15_pipeline() -> StableDiffusionPipeline:
-    """SD 1.5 architecture end to end (CLIP ViT-L/14 text tower, SD VAE, UNet), random weights, offline."""
-    tokenizer = tiny_clip_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=sd15_unet(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def random_adapter(layers, count: int, seed: int, dtype: torch.dtype, device: str) -> CPEAdapter:
     """A names-preset adapter (r=1, m=16) with random nonzero weights: every concept routes and acts."""
     adapter = CPEAdapter.for_layers(layers, [f"concept {seed}-{i}" for i in range(count)], "names")
@@ -370,7 +302,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_model(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     dtype = getattr(torch, args.dtype)
     print(f"building {model} ...", file=sys.stderr)
-    pipe = tiny_pipeline("sd") if model == "tiny" else sd15_pipeline()
+    pipe = tiny_pipeline("sd") if model == "tiny" else sd15_random_pipeline()
     pipe = pipe.to(args.device, dtype)
     size = 64 if model == "tiny" else args.size
     concepts = [int(c) for c in args.concepts.split(",") if c]

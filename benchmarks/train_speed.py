@@ -38,57 +38,6 @@ from cpe_adapter.training import ConceptRun, build_stack, resolve_plan
 from cpe_adapter.training_data import build_prompt_set
 
 
-def sd15_random(seed: int = 0) -> Any:
-    """SD 1.5's UNet and text encoder at full size with random weights (no Hub access)."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from cpe_adapter.testing import _scheduler, _vae, tiny_clip_tokenizer
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            attention_head_dim=8,
-            cross_attention_dim=768,
-            norm_num_groups=32,
-        )
-        tokenizer = tiny_clip_tokenizer()
-        text_config = CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        encoder = CLIPTextModel(text_config)
-        pipe = StableDiffusionPipeline(
-            vae=_vae(),
-            text_encoder=encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    for module in (unet, encoder):
-        module.eval()
-    return pipe
-
-
 def build(name: str) -> Any:
     from cpe_adapter.testing import tiny_pipeline
 
@@ -97,7 +46,9 @@ def build(name: str) -> Any:
     if name == "sd-semantic":
         return tiny_pipeline("sd-semantic")
     if name == "sd15":
-        return sd15_random()
+        from cpe_adapter.testing import sd15_random_pipeline
+
+        return sd15_random_pipeline(full_vae=False)
     raise SystemExit(f"unknown model {name!r}")
 
 

@@ -31,7 +31,14 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-__all__ = ["KINDS", "MissingSemanticEncoderError", "tiny_clip_tokenizer", "tiny_pipeline"]
+__all__ = [
+    "KINDS",
+    "MissingSemanticEncoderError",
+    "sd15_random_pipeline",
+    "sd15_unet",
+    "tiny_clip_tokenizer",
+    "tiny_pipeline",
+]
 
 _MAX_MERGES = 2048  # the built-in corpus exhausts at ~1650 merges: every corpus word is one token
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
@@ -186,18 +193,16 @@ def tiny_clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(_tokenizer_dir().name, model_max_length=77, local_files_only=True)
 
 
-def _clip_text_config(tokenizer: CLIPTokenizer, hidden_size: int, **kwargs: int) -> CLIPTextConfig:
+def _clip_text_config(tokenizer: CLIPTokenizer, hidden_size: int, **kwargs: object) -> CLIPTextConfig:
+    settings = {"intermediate_size": 2 * hidden_size, "num_hidden_layers": 2, "num_attention_heads": 4, **kwargs}
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         max_position_embeddings=77,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **kwargs,
+        **settings,
     )
 
 
@@ -363,4 +368,69 @@ def tiny_pipeline(kind: str = "sd", seed: int = 0) -> DiffusionPipeline:
             component.eval()
     pipe.set_progress_bar_config(disable=True)
     pipe.register_to_config(_name_or_path=f"tiny:{kind}")
+    return pipe
+
+
+def sd15_unet() -> UNet2DConditionModel:
+    """The SD 1.5 UNet architecture (860M parameters, 16 cross-attention layers) with random weights."""
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def sd15_random_pipeline(seed: int = 0, *, full_vae: bool = True) -> StableDiffusionPipeline:
+    """A full-size SD 1.5-architecture pipeline with random weights, built offline (for benchmarks).
+
+    UNet 320/640/1280/1280 with 768-d cross-attention, a CLIP ViT-L/14-sized text encoder (over the
+    tiny tokenizer's vocabulary) and, with ``full_vae``, the SD VAE architecture (else the tiny VAE).
+    Deterministic for ``seed``; the caller's RNG is left untouched.
+    """
+    tokenizer = tiny_clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(
+            _clip_text_config(
+                tokenizer,
+                768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                projection_dim=768,
+                hidden_act="quick_gelu",
+            )
+        )
+        vae = _vae()
+        if full_vae:
+            vae = AutoencoderKL(
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2,
+                latent_channels=4,
+                sample_size=512,
+            )
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=sd15_unet(),
+            scheduler=_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.register_to_config(_name_or_path="random:sd15")
     return pipe

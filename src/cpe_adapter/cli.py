@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CPEAdapterError
+from .recipes import RECIPES
 
 TINY_PREFIX = "tiny:"
 
@@ -201,6 +202,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=not args.json,
         checkpoint_dir=checkpoints,
         resume_from=checkpoints if args.resume else None,
+        recipe=args.recipe,
         **overrides,
     )
     seconds = time.perf_counter() - started
@@ -273,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--erase-file", help="file with one concept per line")
     p.add_argument("--preset", default="names", choices=["names", "styles", "explicit"])
     p.add_argument("--neutral", help="phrase the concepts are moved toward (default: the preset's)")
+    p.add_argument(
+        "--recipe", choices=sorted(RECIPES), help="target-set recipe (default: paper, the method as published)"
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub repo")
     p.add_argument("--seed", type=int, default=0)

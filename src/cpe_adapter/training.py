@@ -52,6 +52,7 @@ from .adapter import CPEAdapter
 from .config import ConceptSpec, CPEConfig, TargetLayer
 from .errors import CPEAdapterError
 from .presets import Preset, get_preset
+from .recipes import Recipe, augment_targets, get_recipe
 from .runtime import cross_attention_modules, denoiser_of, find_target_layers, innermost_linear
 from .training_data import PromptSet, build_prompt_set, check_concept
 
@@ -242,7 +243,7 @@ EVAL_TEMPLATES = 8
 EVAL_ANCHORS = 32
 CHECKPOINT_STATE = "trainer_state.json"
 CHECKPOINT_FORMAT = "cpe-adapter-training-checkpoint"
-_RUN_OPTIONS = {"tie_gate_qk", "name", "warmup_steps", "templates", "log_every", "num_threads"}
+_RUN_OPTIONS = {"tie_gate_qk", "name", "warmup_steps", "templates", "log_every", "num_threads", "recipe"}
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,7 @@ class TrainingPlan:
     templates: tuple[str, ...] | None = None
     anchors: tuple[str, ...] | None = None
     num_threads: int | None = None
+    recipe: Recipe = field(default_factory=get_recipe)
 
     @property
     def stages(self) -> int:
@@ -276,6 +278,7 @@ class TrainingPlan:
             "anchors": None if self.anchors is None else list(self.anchors),
             "optimizer": f"AdamW(weight_decay={WEIGHT_DECAY}), cosine per stage, {self.warmup_steps} warm-up steps",
             "anchor_noise": ANCHOR_NOISE,
+            **self.recipe.to_dict(),
         }
 
 
@@ -331,6 +334,7 @@ def resolve_plan(
         templates=None if templates is None else tuple(templates),
         anchors=None if anchors is None else tuple(str(a) for a in anchors),
         num_threads=run.get("num_threads"),
+        recipe=get_recipe(run.get("recipe")),
     )
     return plan, run.get("name")
 
@@ -388,6 +392,7 @@ class ConceptResult:
     tensors: dict[str, torch.Tensor]
     history: list[dict[str, Any]] = field(default_factory=list)
     final_loss: dict[str, float] = field(default_factory=dict)
+    variants: list[str] = field(default_factory=list)  # generated target variants (recipes other than "paper")
 
 
 def _cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
@@ -423,7 +428,15 @@ class ConceptRun:
     PARAMS = ("gate_a", "gate_b", "gate_v", "down", "up")
 
     def __init__(
-        self, stack: ProjectionStack, data: PromptSet, spec: ConceptSpec, plan: TrainingPlan, seed: int, device: Any
+        self,
+        stack: ProjectionStack,
+        data: PromptSet,
+        spec: ConceptSpec,
+        plan: TrainingPlan,
+        seed: int,
+        device: Any,
+        target_weights: torch.Tensor | None = None,
+        concept_rows: int | None = None,
     ) -> None:
         self.stack, self.spec, self.plan, self.device = stack, spec, plan, torch.device(device)
         preset = plan.preset
@@ -441,6 +454,11 @@ class ConceptRun:
             "up": torch.zeros(r, stack.weight.shape[0], device=dev),
         }
         self.target = data.target.to(dev, torch.float32)
+        # Sampling probabilities of the target rows (a widened target set, :mod:`recipes`); None: uniform.
+        # The concept's own rows come first; stages before ``recipe.widen_from_stage`` draw only those.
+        self.target_weights = None if target_weights is None else target_weights.to(dev, torch.float32)
+        self.concept_rows = len(data.templates) if target_weights is None else int(concept_rows)
+        self._stage_weights: torch.Tensor | None = None
         self.neutral = data.neutral.to(dev, torch.float32)
         if self.target.shape[-1] != d:
             raise CPEAdapterError(
@@ -479,6 +497,17 @@ class ConceptRun:
 
     def _randint(self, high: int, size: tuple[int, ...]) -> torch.Tensor:
         return torch.randint(high, size, generator=self.generator, device=self.device)
+
+    def _draw_target(self) -> int:
+        """Index of the target row of one step: uniform over the concept's rows (the paper), or by
+        ``target_weights`` over the widened set once the recipe widens it."""
+        if self._stage_weights is None:
+            return int(self._randint(self.concept_rows, (1,)))
+        return int(torch.multinomial(self._stage_weights, 1, generator=self.generator))
+
+    def _set_stage(self, stage: int) -> None:
+        widened = self.target_weights is not None and stage >= self.plan.recipe.widen_from_stage
+        self._stage_weights = self.target_weights if widened else None
 
     def _sample_anchors(self, out: torch.Tensor, noise: torch.Tensor) -> None:
         """Fill ``out`` ``[S, T, d]`` with mixup anchors ``lam a + (1 - lam) b`` (``lam ~ U(0, 1)``) plus
@@ -548,6 +577,7 @@ class ConceptRun:
         """Train the ResAG on ``L_erase + lambda_adv L_adv + lambda_anc L_anchor`` (adversary frozen)."""
         preset, plan = self.plan.preset, self.plan
         iters = plan.erase_iters[stage]
+        self._set_stage(stage)
         base_lr = preset.first_stage_lr if stage == 0 else preset.lr
         names = self._trainable()
         leaves = {k: self.params[k].clone().requires_grad_(k in names) for k in self.PARAMS}
@@ -568,7 +598,7 @@ class ConceptRun:
             lr = _cosine_lr(base_lr, step, iters, plan.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            template = int(self._randint(self.target.shape[0], (1,)))
+            template = self._draw_target()
             batch[0].copy_(self.target[template])
             if self.delta is not None:
                 torch.add(self.target[template], self.delta, out=batch[1:labelled])
@@ -596,6 +626,7 @@ class ConceptRun:
         """
         preset, plan, stack = self.plan.preset, self.plan, self.stack
         iters = plan.attack_iters
+        self._set_stage(stage)
         rms = self.target.pow(2).mean().sqrt()
         shape = (preset.adversaries, *self.target.shape[1:])
         # An isotropic Gaussian is the same distribution in any orthonormal basis.
@@ -613,7 +644,7 @@ class ConceptRun:
         z = z.clone().requires_grad_(True)
         optimizer = torch.optim.AdamW([z], lr=preset.attack_lr, weight_decay=0.0, **_fast_adamw(self.device))
         for step in range(iters):
-            template = int(self._randint(self.target.shape[0], (1,)))
+            template = self._draw_target()
             read = z @ both_v
             codes = self._from_projection(target_proj[template] + read[..., :width])
             base = (z.square() @ values).sum(-1) / self.tokens
@@ -789,7 +820,9 @@ def train_one(
     if entry is not None and entry.get("done"):
         tensors = checkpoint.tensors(index)
         kept = {k: tensors[k].unsqueeze(0) for k in ConceptRun.PARAMS}
-        return ConceptResult(spec, own_seed, kept, entry.get("history", []), entry.get("final_loss", {}))
+        return ConceptResult(
+            spec, own_seed, kept, entry.get("history", []), entry.get("final_loss", {}), entry.get("variants", [])
+        )
     plan = context.plan
     data = build_prompt_set(
         context.pipe,
@@ -800,7 +833,10 @@ def train_one(
         anchors=plan.anchors,
         similar=plan.preset.similar_anchors,
     )
-    run = ConceptRun(context.stack, data, spec, plan, own_seed, context.device)
+    widened = augment_targets(context.pipe, data, spec.name, plan.recipe, domain=context.domain, seed=own_seed)
+    run = ConceptRun(
+        context.stack, widened.data, spec, plan, own_seed, context.device, widened.weights, len(data.templates)
+    )
     if entry is not None:
         run.load_state(checkpoint.tensors(index), entry.get("history", []), int(entry["next_stage"]))
     result = None
@@ -824,7 +860,7 @@ def train_one(
         done = stage + 1 == plan.stages
         result = run.result(own_seed) if done else None
         if checkpoint is not None:
-            entry = {"next_stage": stage + 1, "done": done, "history": run.history}
+            entry = {"next_stage": stage + 1, "done": done, "history": run.history, "variants": widened.variants}
             if result is not None:
                 entry["final_loss"] = result.final_loss
             checkpoint.save(index, run.state_tensors(), entry)
@@ -834,7 +870,9 @@ def train_one(
                 plan.erase_iters[stage],
                 {"concept": spec.name, "concept_index": index, "phase": "stage_end", **record},
             )
-    return result if result is not None else run.result(own_seed)
+    result = result if result is not None else run.result(own_seed)
+    result.variants = list(widened.variants)
+    return result
 
 
 def _progress_bar(enabled: bool, total: int, desc: str):
@@ -888,6 +926,7 @@ def assemble(
         "concept_seeds": {r.spec.name: r.seed for r in results},
         "final_loss": {r.spec.name: r.final_loss for r in results},
         "history": {r.spec.name: r.history for r in results},
+        "variants": {r.spec.name: r.variants for r in results},
     }
     return merged.to(context.device)
 
@@ -948,6 +987,7 @@ def train_cpe(
     callback: Callback | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume_from: str | os.PathLike | None = None,
+    recipe: str | None = None,
     **overrides: Any,
 ) -> CPEAdapter:
     """Train a CPE eraser for one or more concepts on ``pipe``'s own text encoder and weights.
@@ -972,6 +1012,10 @@ def train_cpe(
         checkpoint_dir: write a checkpoint at the end of every stage here.
         resume_from: continue the run checkpointed in this folder; the result equals an
             uninterrupted run's bit for bit (same device).
+        recipe: how the erase target set is built (:mod:`cpe_adapter.recipes`): ``"paper"`` trains on
+            the concept string alone, exactly METHOD.md §4; ``"augmented"`` also erases variants
+            generated from the concept (sub-spans, spellings, nearest vocabulary tokens) and points
+            of its embedding region, so paraphrases are erased too. ``None``: the default recipe.
         **overrides: any preset hyper-parameter (``eta``, ``neutral``, ``anchor_weight``, ``lr``, ...)
             and ``tie_gate_qk``, ``name`` (adapter name), ``warmup_steps``, ``templates``,
             ``log_every``, ``num_threads``.
@@ -992,6 +1036,7 @@ def train_cpe(
         callback=callback,
         checkpoint_dir=checkpoint_dir,
         resume_from=resume_from,
+        **({} if recipe is None else {"recipe": recipe}),
         **overrides,
     )
     return assemble(context, results, seed, steps, name)

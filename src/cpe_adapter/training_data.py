@@ -29,7 +29,9 @@ from .errors import CPEAdapterError
 ENCODE_BATCH = 64
 # Caches larger than this (bytes, fp32) are kept in half precision on the CPU.
 HALF_PRECISION_BYTES = 256 * 1024**2
-CACHE_CALLS = 8
+# Each training run encodes a handful of lists (target, neutral, shared and specific anchors);
+# keep several runs' worth so training concepts one after another never re-encodes shared anchors.
+CACHE_CALLS = 64
 
 _cache: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
 

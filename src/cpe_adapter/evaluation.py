@@ -34,9 +34,9 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .errors import CPEAdapterError
+from .lipschitz import layer_weights
 from .loaders import disable_cpe_adapters, enable_cpe_adapters
 from .runtime import cross_attention_modules, denoiser_of, get_runtime, innermost_linear
 
@@ -61,35 +61,6 @@ FIGURES = (
     "image_erase_shift",
     "image_retain_shift",
 )
-
-
-# ------------------------------------------------------------------------------------ layer weights
-def layer_weights(unet: nn.Module, tokens: int = 77) -> torch.Tensor:
-    """METHOD.md §4 weights ``c_l`` of every target projection, in runtime layer order (``[L]``, fp32).
-
-    ``to_k``: ``sigma_max(W_o W_v) sigma_max(W_q) / T``; ``to_v``: ``sigma_max(W_o)`` (largest singular
-    values): Lipschitz bounds on how far a change of K or V can move the attention output. ``T`` is
-    the number of text tokens (the prompt-embedding length, 77 for CLIP), as in training.
-    """
-    if tokens < 1:
-        raise CPEAdapterError(f"tokens must be a positive sequence length, got {tokens!r}.")
-    denoiser = denoiser_of(unet)
-    weights = []
-    with torch.no_grad():
-        for _, attn in cross_attention_modules(denoiser):
-            w_q = _weight(attn.to_q)
-            w_v = _weight(attn.to_v)
-            w_o = _weight(attn.to_out[0] if isinstance(attn.to_out, nn.ModuleList) else attn.to_out)
-            sigma_ov = torch.linalg.matrix_norm(w_o @ w_v, ord=2)
-            sigma_q = torch.linalg.matrix_norm(w_q, ord=2)
-            weights.append(sigma_ov * sigma_q / tokens)
-            weights.append(torch.linalg.matrix_norm(w_o, ord=2))
-    return torch.stack(weights).float().cpu()
-
-
-def _weight(module: nn.Module) -> torch.Tensor:
-    _, _, linear = innermost_linear(module)
-    return linear.weight.detach().float()
 
 
 # ------------------------------------------------------------------------------ metric definitions

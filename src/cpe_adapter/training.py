@@ -51,9 +51,10 @@ from torch import nn
 from .adapter import CPEAdapter
 from .config import ConceptSpec, CPEConfig, TargetLayer
 from .errors import CPEAdapterError
+from .lipschitz import layer_weights
 from .presets import Preset, get_preset
 from .recipes import Recipe, augment_targets, get_recipe
-from .runtime import cross_attention_modules, denoiser_of, find_target_layers, innermost_linear
+from .runtime import denoiser_of, find_target_layers, innermost_linear
 from .training_data import PromptSet, build_prompt_set, check_concept
 
 __all__ = [
@@ -94,24 +95,6 @@ class ProjectionStack:
         return self.weight.shape[1]
 
 
-def layer_weights(denoiser: nn.Module, tokens: int) -> list[float]:
-    """``c_l`` of METHOD.md §4 for every target projection (``to_k``, ``to_v`` per attention, in order).
-
-    ``to_k``: ``sigma_max(W_o W_v) sigma_max(W_q) / T``; ``to_v``: ``sigma_max(W_o)`` — a Lipschitz
-    bound on how far a change of K or V moves the attention output.
-    """
-    values = []
-    for _, attn in cross_attention_modules(denoiser):
-        w_q = innermost_linear(attn.to_q)[2].weight.detach().float()
-        w_v = innermost_linear(attn.to_v)[2].weight.detach().float()
-        w_o = innermost_linear(attn.to_out[0])[2].weight.detach().float()
-        sigma_o = torch.linalg.matrix_norm(w_o, ord=2)
-        sigma_ov = torch.linalg.matrix_norm(w_o @ w_v, ord=2)
-        sigma_q = torch.linalg.matrix_norm(w_q, ord=2)
-        values += [float(sigma_ov * sigma_q / tokens), float(sigma_o)]
-    return values
-
-
 def projection_weights(denoiser: nn.Module, layers: list[TargetLayer]) -> torch.Tensor:
     """``[sum(d_out), d]``: the base weights of every target projection, in ``layers`` order."""
     modules = dict(denoiser.named_modules())
@@ -126,7 +109,7 @@ def projection_weights(denoiser: nn.Module, layers: list[TargetLayer]) -> torch.
 def build_stack(denoiser: nn.Module, layers: list[TargetLayer], tokens: int, device: Any) -> ProjectionStack:
     """Everything fixed during training, computed once per pipeline (fp32, on ``device``)."""
     weight = projection_weights(denoiser, layers).to(device)
-    c = torch.tensor(layer_weights(denoiser, tokens), dtype=torch.float32, device=device)
+    c = layer_weights(denoiser, tokens).to(device)
     sizes = torch.tensor([t.out_features for t in layers], device=device)
     layer_of_column = torch.repeat_interleave(torch.arange(len(layers), device=device), sizes)
     column_weight = (c / (len(layers) * sizes.float()))[layer_of_column]

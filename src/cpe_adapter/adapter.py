@@ -222,7 +222,9 @@ class CPEAdapter(nn.Module):
         from .runtime import denoiser_of, find_target_layers
 
         denoiser = denoiser_of(pipe)
-        overrides.setdefault("base_model", _model_id(pipe, denoiser))
+        model_id, revision = base_model_info(pipe, denoiser)
+        overrides.setdefault("base_model", model_id)
+        overrides.setdefault("base_model_revision", revision)
         adapter = cls.for_layers(find_target_layers(denoiser), concepts, preset, **overrides)
         param = next(denoiser.parameters())
         return adapter.to(param.device)
@@ -292,12 +294,21 @@ class CPEAdapter(nn.Module):
         )
 
 
-def _model_id(pipe: Any, denoiser: nn.Module) -> str | None:
+def base_model_info(pipe: Any, denoiser: nn.Module) -> tuple[str | None, str | None]:
+    """``(model id or path, Hub commit)`` of the pipeline an adapter is made for, where recorded.
+
+    The id is the ``_name_or_path`` diffusers records at ``from_pretrained``; the commit is the one
+    transformers records on Hub-loaded text encoders (``None`` for local folders).
+    """
+    model_id = None
     for obj in (pipe, denoiser):
         path = getattr(getattr(obj, "config", None), "_name_or_path", None)
         if path:
-            return str(path)
-    return None
+            model_id = str(path)
+            break
+    encoder = getattr(pipe, "text_encoder", None)
+    revision = getattr(getattr(encoder, "config", None), "_commit_hash", None)
+    return model_id, (str(revision) if revision else None)
 
 
 def weights_path(folder: str | os.PathLike) -> Path:

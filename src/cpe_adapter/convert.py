@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import CPEAdapter
+from .adapter import CPEAdapter, base_model_info
 from .config import TargetLayer
 from .errors import CPEAdapterError
 from .presets import get_preset
@@ -231,7 +231,7 @@ def convert_reference_checkpoints(
         "alpha": alpha,
         "tie_gate_qk": True,
         "name": name,
-        "base_model": base_model or _model_id(pipe_or_unet, denoiser),
+        "base_model": base_model or base_model_info(pipe_or_unet, denoiser)[0],
     }
     if neutral is not None:
         overrides["neutral"] = neutral
@@ -253,14 +253,6 @@ def convert_reference_checkpoints(
         "source_format": REFERENCE_FORMAT,
     }
     return adapter
-
-
-def _model_id(pipe_or_unet: Any, denoiser: nn.Module) -> str | None:
-    for obj in (pipe_or_unet, denoiser):
-        path = getattr(getattr(obj, "config", None), "_name_or_path", None)
-        if path:
-            return str(path)
-    return None
 
 
 # ----------------------------------------------------------------------------------------- CLI

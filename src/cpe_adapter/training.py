@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import CPEAdapter
+from .adapter import CPEAdapter, base_model_info
 from .config import ConceptSpec, CPEConfig, TargetLayer
 from .errors import CPEAdapterError
 from .lipschitz import layer_weights
@@ -760,6 +760,7 @@ class TrainingContext:
     device: torch.device
     domain: str
     base_model: str | None
+    base_model_revision: str | None
 
 
 def make_context(pipe: Any, plan: TrainingPlan, device: Any = None) -> TrainingContext:
@@ -770,21 +771,13 @@ def make_context(pipe: Any, plan: TrainingPlan, device: Any = None) -> TrainingC
     device = torch.device(device)
     tokens = _sequence_length(pipe)
     stack = build_stack(denoiser, layers, tokens, device)
-    return TrainingContext(pipe, plan, layers, stack, device, plan.preset.name, _model_id(pipe, denoiser))
+    return TrainingContext(pipe, plan, layers, stack, device, plan.preset.name, *base_model_info(pipe, denoiser))
 
 
 def _sequence_length(pipe: Any) -> int:
     from .training_data import tokenizers_of
 
     return int(tokenizers_of(pipe)[0].model_max_length)
-
-
-def _model_id(pipe: Any, denoiser: nn.Module) -> str | None:
-    for obj in (pipe, denoiser):
-        path = getattr(getattr(obj, "config", None), "_name_or_path", None)
-        if path:
-            return str(path)
-    return None
 
 
 def train_one(
@@ -893,6 +886,7 @@ def assemble(
             tie_gate_qk=plan.tie_gate_qk,
             name=name,
             base_model=context.base_model,
+            base_model_revision=context.base_model_revision,
             preset=plan.preset.name,
         )
         adapter = CPEAdapter(config, init=False)

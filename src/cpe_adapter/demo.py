@@ -15,9 +15,9 @@ DEMO_STYLE_PARAPHRASES = ["Vincent van Gogh"]
 DEMO_NAME = "Taylor Swift"
 DEMO_STEPS = 600
 # A short schedule so the demo takes about a minute on 2 CPU cores: two stages (one adversarial),
-# 10 similar-name anchors and 12 templates instead of the presets' 50 and ~40.
+# 10 similar-name anchors and 8 templates instead of the presets' 50 and ~40.
 DEMO_OVERRIDES = {"stages": 2, "similar_anchors": 10}
-DEMO_TEMPLATES = 12
+DEMO_TEMPLATES = 8
 
 
 def _fmt(value: Any) -> str:

@@ -243,6 +243,17 @@ def lora_only_image(lora_dir) -> np.ndarray:
     return generate(pipe)
 
 
+def lora_and_eraser(lora_first: bool, lora_dir, eraser: CPEAdapter):
+    """A tiny pipeline with the LoRA "style" and a copy of ``eraser`` loaded, in the given order."""
+    pipe = tiny_pipeline("sd")
+    if lora_first:
+        pipe.load_lora_weights(lora_dir, adapter_name="style")
+    pipe.load_cpe_adapter(copy_of(eraser), adapter_name="eraser")
+    if not lora_first:
+        pipe.load_lora_weights(lora_dir, adapter_name="style")
+    return pipe
+
+
 def projection_stack(pipe) -> list[list[type]]:
     """Module types from each cross-attention to_k/to_v down its ``base_layer`` chain."""
     stacks = []
@@ -260,12 +271,7 @@ def projection_stack(pipe) -> list[list[type]]:
 
 @pytest.mark.parametrize("lora_first", [True, False], ids=["lora-then-eraser", "eraser-then-lora"])
 def test_lora_and_eraser_both_apply(lora_first, lora_dir, eraser, eraser_only_image, lora_only_image):
-    pipe = tiny_pipeline("sd")
-    if lora_first:
-        pipe.load_lora_weights(lora_dir, adapter_name="style")
-    pipe.load_cpe_adapter(copy_of(eraser), adapter_name="eraser")
-    if not lora_first:
-        pipe.load_lora_weights(lora_dir, adapter_name="style")
+    pipe = lora_and_eraser(lora_first, lora_dir, eraser)
     image = generate(pipe)
     assert not np.allclose(image, eraser_only_image, atol=1e-3)
     assert not np.allclose(image, lora_only_image, atol=1e-3)
@@ -279,12 +285,7 @@ def test_lora_and_eraser_both_apply(lora_first, lora_dir, eraser, eraser_only_im
 
 @pytest.mark.parametrize("lora_first", [True, False], ids=["lora-then-eraser", "eraser-then-lora"])
 def test_unloading_lora_leaves_the_eraser_exactly(lora_first, lora_dir, eraser, eraser_only_image):
-    pipe = tiny_pipeline("sd")
-    if lora_first:
-        pipe.load_lora_weights(lora_dir, adapter_name="style")
-    pipe.load_cpe_adapter(copy_of(eraser), adapter_name="eraser")
-    if not lora_first:
-        pipe.load_lora_weights(lora_dir, adapter_name="style")
+    pipe = lora_and_eraser(lora_first, lora_dir, eraser)
     pipe.unload_lora_weights()
     assert all(chain == [CPELinear] for chain in projection_stack(pipe))
     assert pipe.get_active_cpe_adapters() == ["eraser"]
@@ -323,12 +324,7 @@ def test_fused_lora_with_eraser_is_still_erased(lora_dir, eraser):
 
 @pytest.mark.parametrize("lora_first", [True, False], ids=["lora-then-eraser", "eraser-then-lora"])
 def test_unloading_the_eraser_leaves_the_lora_exactly(lora_first, lora_dir, eraser, lora_only_image):
-    pipe = tiny_pipeline("sd")
-    if lora_first:
-        pipe.load_lora_weights(lora_dir, adapter_name="style")
-    pipe.load_cpe_adapter(copy_of(eraser), adapter_name="eraser")
-    if not lora_first:
-        pipe.load_lora_weights(lora_dir, adapter_name="style")
+    pipe = lora_and_eraser(lora_first, lora_dir, eraser)
     pipe.unload_cpe_adapter()
     assert all(CPELinear not in chain and chain[-1] is nn.Linear for chain in projection_stack(pipe))
     assert all(len(chain) == 2 for chain in projection_stack(pipe)), "the LoRA layer stays in place"
@@ -350,12 +346,7 @@ def test_peft_add_adapter_composes_like_load_lora_weights(eraser):
 @pytest.mark.parametrize("lora_first", [True, False], ids=["lora-then-eraser", "eraser-then-lora"])
 def test_fusing_lora_between_calls_with_the_same_embedding(lora_first, lora_dir, eraser):
     """PEFT merges with ``weight.data += delta`` (no version bump): a cached P(E) must not go stale."""
-    pipe = tiny_pipeline("sd")
-    if lora_first:
-        pipe.load_lora_weights(lora_dir, adapter_name="style")
-    pipe.load_cpe_adapter(copy_of(eraser), adapter_name="eraser")
-    if not lora_first:
-        pipe.load_lora_weights(lora_dir, adapter_name="style")
+    pipe = lora_and_eraser(lora_first, lora_dir, eraser)
     inputs = unet_inputs(pipe)
     before = unet_output(pipe, inputs)
     pipe.fuse_lora()

@@ -286,10 +286,6 @@ def test_controlnet_pipeline_with_an_eraser(pipe: Any) -> None:
     assert np.array_equal(generate(control_pipe, image=control), bare)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (docs/architectures.md): the ControlNet's copy of the cross-attention is not erased",
-)
 def test_controlnet_cross_attention_is_erased_like_the_unets(pipe: Any) -> None:
     """ControlNet.from_unet copies the UNet's attn2 layers and reads the same prompt embedding, so its
     keys should carry the same erasure as the UNet layer of the same name."""
@@ -309,6 +305,36 @@ def test_controlnet_cross_attention_is_erased_like_the_unets(pipe: Any) -> None:
         for hook in hooks:
             hook.remove()
     torch.testing.assert_close(keys["controlnet"], keys["unet"])
+
+
+def test_controlnet_erasure_follows_the_unets_switches_and_unloads(pipe: Any) -> None:
+    controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32, 48, 64))
+    control_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+    name = "mid_block.attentions.0.transformer_blocks.0.attn2.to_v"
+    embeds = control_pipe.encode_prompt("a painting by Van Gogh", "cpu", 1, False)[0]
+
+    def values() -> torch.Tensor:
+        with torch.no_grad():
+            return controlnet.get_submodule(name)(embeds)
+
+    original = values()
+    control_pipe.load_cpe_adapter(random_adapter(pipe), "eraser")
+    try:
+        assert isinstance(controlnet.get_submodule(name), CPELinear)
+        erased = values()
+        assert not torch.allclose(erased, original)
+        control_pipe.set_cpe_adapters(["eraser"], scales=[0.0])
+        torch.testing.assert_close(values(), original, rtol=0, atol=0)
+        control_pipe.set_cpe_adapters(["eraser"])
+        control_pipe.disable_cpe_adapters()
+        torch.testing.assert_close(values(), original, rtol=0, atol=0)
+        control_pipe.enable_cpe_adapters()
+        torch.testing.assert_close(values(), erased, rtol=0, atol=0)
+    finally:
+        control_pipe.unload_cpe_adapter()
+    assert get_runtime(controlnet) is None
+    assert not any(isinstance(m, CPELinear) for m in controlnet.modules())
+    torch.testing.assert_close(values(), original, rtol=0, atol=0)
 
 
 def test_model_cpu_offload_keeps_the_erasure() -> None:

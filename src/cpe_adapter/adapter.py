@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import WEIGHTS_NAME, ConceptSpec, CPEConfig, TargetLayer
-from .errors import AdapterFileError, CPEAdapterError
+from .errors import AdapterFileError, CPEAdapterError, IncompatibleAdapterError
 from .gate import expand_residual, gated_mixed_embedding
 
 GATE_INIT_STD = 1e-8
@@ -153,6 +153,22 @@ class CPEAdapter(nn.Module):
             self.gate_v.copy_(tensors["gate.v"])
             self.down.copy_(torch.cat([tensors[f"{n}.down"] for n in names], dim=-1))
             self.up.copy_(torch.cat([tensors[f"{n}.up"] for n in names], dim=-1))
+
+    def restricted_to(self, layers: Sequence[TargetLayer]) -> CPEAdapter:
+        """A copy holding only ``layers`` (e.g. a ControlNet's copy of some UNet layers), gates included."""
+        names = {t.name for t in self.config.target_layers}
+        missing = [t.name for t in layers if t.name not in names]
+        if missing:
+            raise IncompatibleAdapterError(
+                f"The adapter has no weights for {missing[:3]} ({len(missing)} layers); it was made for another layout."
+            )
+        config = CPEConfig.from_dict({**self.config.to_dict(), "target_layers": [t.__dict__ for t in layers]})
+        tensors = self.file_state_dict()
+        kept = {k: v for k, v in tensors.items() if k.startswith("gate.")}
+        for layer in layers:
+            kept[f"{layer.name}.down"] = tensors[f"{layer.name}.down"]
+            kept[f"{layer.name}.up"] = tensors[f"{layer.name}.up"]
+        return CPEAdapter.from_state_dict(kept, config).to(device=self.gate_v.device, dtype=self.gate_v.dtype)
 
     def digest(self) -> str:
         """Content hash of the weights in file layout and fp32 (recorded as ``weights_sha256``)."""

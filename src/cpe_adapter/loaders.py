@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from .adapter import CPEAdapter
 from .config import CPEConfig
 from .errors import CPEAdapterError
@@ -27,6 +29,50 @@ def _runtime(pipe: Any) -> CPERuntime:
     if runtime is None or not runtime.adapters:
         raise CPEAdapterError("No CPE adapters are loaded; call `load_cpe_adapter(...)` first.")
     return runtime
+
+
+def _controlnets(pipe: Any) -> list[nn.Module]:
+    """The ControlNet models of a pipeline (none for a bare UNet or a pipeline without ControlNet)."""
+    if isinstance(pipe, nn.Module):
+        return []
+    controlnet = getattr(pipe, "controlnet", None)
+    if controlnet is None:
+        return []
+    nets = getattr(controlnet, "nets", None)
+    return list(nets) if nets is not None else [controlnet]
+
+
+def _sync_companions(pipe: Any, runtime: CPERuntime | None) -> None:
+    """Give every ControlNet of ``pipe`` the erasure of the UNet, restricted to its own layers.
+
+    A ControlNet made from the UNet carries copies of its cross-attention layers (same names) and
+    reads the same prompt, so it is erased like the UNet; its runtime follows the UNet's active
+    set, scales and switch.
+    """
+    for controlnet in _controlnets(pipe):
+        companion = get_runtime(controlnet)
+        if runtime is None or not runtime.adapters:
+            if companion is not None:
+                remove_runtime(controlnet)
+            continue
+        if companion is None:
+            companion = CPERuntime(controlnet, primary=runtime)
+            first = next(iter(runtime.adapters.values()))
+            first.restricted_to(companion.layers)  # refuses a ControlNet with layers the UNet lacks
+            companion.attach()
+            controlnet.__dict__["_cpe_runtime"] = companion
+        if companion not in runtime.companions:
+            companion.primary = runtime
+            runtime.companions.append(companion)
+        for name in [n for n in companion.adapters if n not in runtime.adapters]:
+            del companion.adapters[name]
+        reference = next(controlnet.parameters())
+        for name, adapter in runtime.adapters.items():
+            if name not in companion.adapters:
+                restricted = adapter.restricted_to(companion.layers)
+                companion.adapters[name] = restricted.to(reference.device, reference.dtype).requires_grad_(False)
+    if runtime is not None:
+        runtime.bump()
 
 
 def _check_names(runtime: CPERuntime, names: Sequence[str]) -> None:
@@ -115,7 +161,11 @@ def load_cpe_adapter(
     runtime.adapters[name] = adapter
     runtime.scales[name] = float(scale)
     runtime.active.append(name)
-    runtime.bump()
+    try:
+        _sync_companions(pipe, runtime)
+    except CPEAdapterError:
+        unload_cpe_adapter(pipe, name)
+        raise
     return name
 
 
@@ -230,6 +280,8 @@ def unload_cpe_adapter(pipe: Any, adapter_names: str | Sequence[str] | None = No
     runtime.bump()
     if not runtime.adapters:
         remove_runtime(denoiser)
+        runtime.companions.clear()
+    _sync_companions(pipe, runtime if runtime.adapters else None)
 
 
 def save_cpe_adapter(pipe: Any, save_directory: str | os.PathLike, adapter_name: str | None = None) -> Path:

@@ -198,14 +198,18 @@ class CPERuntime:
     #: Per-runtime switch of the per-prompt cache (see also :func:`no_cache`).
     cache_enabled: bool = True
 
-    def __init__(self, denoiser: nn.Module) -> None:
+    def __init__(self, denoiser: nn.Module, primary: CPERuntime | None = None) -> None:
         self.denoiser_ref = weakref.ref(denoiser)
+        # A companion (a ControlNet's copy of the cross-attention) follows its primary (the UNet's
+        # runtime) for the active set, scales and the on/off switch; it holds its own layers.
+        self.primary = primary
+        self.companions: list[CPERuntime] = []
         self.layers = find_target_layers(denoiser)
         self.layer_offsets = _offsets([t.out_features for t in self.layers])
         self.adapters: dict[str, CPEAdapter] = {}
-        self.scales: dict[str, float] = {}
-        self.active: list[str] = []
-        self.enabled = True
+        self._scales: dict[str, float] = {}
+        self._active: list[str] = []
+        self._enabled = True
         self.generation = 0
         self._state: tuple = ()
         self._watched: list[torch.Tensor] = []
@@ -220,11 +224,36 @@ class CPERuntime:
         self._thread_selections = 0
 
     # ------------------------------------------------------------------------------- state
+    @property
+    def active(self) -> list[str]:
+        return self.primary.active if self.primary is not None else self._active
+
+    @active.setter
+    def active(self, names: list[str]) -> None:
+        self._active = names
+
+    @property
+    def scales(self) -> dict[str, float]:
+        return self.primary.scales if self.primary is not None else self._scales
+
+    @property
+    def enabled(self) -> bool:
+        return self.primary.enabled if self.primary is not None else self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = value
+
+    @property
+    def thread_selections(self) -> int:
+        return self.primary.thread_selections if self.primary is not None else self._thread_selections
+
     def selection(self) -> tuple[list[str] | tuple[str, ...], dict[str, float]]:
         """``(active names, scales)`` in force for the calling thread (see :func:`use_adapters`)."""
         overrides = _SELECTION.get()
-        if overrides is not None and id(self) in overrides:
-            return overrides[id(self)]
+        owner = id(self.primary) if self.primary is not None else id(self)
+        if overrides is not None and owner in overrides:
+            return overrides[owner]
         return self.active, self.scales
 
     def applies(self) -> bool:
@@ -263,10 +292,12 @@ class CPERuntime:
             self._param_versions = tuple(_version_of(p) for p in self._watched)
             # With per-thread selections, any loaded adapter may act in some thread: every layer
             # then takes the checked path (never the prepared fast path, which is shared).
-            active = self.enabled and (self._thread_selections > 0 or self.applies())
+            active = self.enabled and (self.thread_selections > 0 or self.applies())
             for wrapper in self._wrappers:
                 wrapper.__dict__["cpe_active"] = active
                 wrapper.__dict__["cpe_prepared"] = None
+        for companion in self.companions:
+            companion.bump()
 
     def _snapshot(self) -> tuple:
         active = tuple(self.active)
@@ -429,7 +460,7 @@ class CPERuntime:
         ):
             self.verify()  # the layers compute on their own; check the whole UNet once per call
             return
-        if self._thread_selections:
+        if self.thread_selections:
             self.verify()  # threads choose their own adapters: layers look up their own entries
             return
         self._check_slots()

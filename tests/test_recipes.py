@@ -26,7 +26,7 @@ from cpe_adapter.recipes import (
     sub_spans,
     typos,
 )
-from cpe_adapter.testing import MissingSemanticEncoderError, tiny_pipeline
+from cpe_adapter.testing import tiny_pipeline
 from cpe_adapter.training_data import build_prompt_set
 
 TEMPLATES = ["{}", "a painting by {}", "art in the style of {}", "a landscape by {}"]
@@ -53,10 +53,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def pipe():
-    try:
-        return tiny_pipeline("sd-semantic")
-    except MissingSemanticEncoderError as err:
-        pytest.skip(f"semantic testbed unavailable: {err}")
+    return tiny_pipeline("sd-semantic")  # `make test` installs the semantic encoder; missing it is an error
 
 
 # ------------------------------------------------------------------------------------- variants

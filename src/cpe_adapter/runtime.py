@@ -559,8 +559,8 @@ class CPERuntime:
 
     def _cacheable(self, x: torch.Tensor, projections: bool) -> bool:
         """Whether the residual (and, with ``projections``, the full outputs) may be cached for ``x``."""
-        if not (self.cache_enabled and cache_globally_enabled()):
-            return False
+        if not (self.cache_enabled and cache_globally_enabled()) or self.thread_selections:
+            return False  # per-thread choices (use_cpe_adapters) share nothing: each call computes its own
         if not torch.is_grad_enabled():
             return True
         if x.requires_grad or any(p.requires_grad for p in self._watched):

@@ -106,16 +106,21 @@ def references(pipe: Any, lora_dir: Path) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------- LoRA
+def load_in_order(pipe: Any, lora_dir: Path, lora_first: bool) -> None:
+    """Load the LoRA "style" and a random eraser into ``pipe``, in the given order."""
+    loaders = [
+        lambda: pipe.load_lora_weights(lora_dir, adapter_name="style"),
+        lambda: pipe.load_cpe_adapter(random_adapter(pipe), "eraser"),
+    ]
+    for load in loaders if lora_first else reversed(loaders):
+        load()
+
+
 @pytest.mark.parametrize("lora_first", [True, False], ids=["lora-then-eraser", "eraser-then-lora"])
 def test_lora_and_eraser_compose_and_lora_removal_restores_the_eraser_exactly(
     pipe: Any, lora_dir: Path, references: dict[str, np.ndarray], lora_first: bool
 ) -> None:
-    if lora_first:
-        pipe.load_lora_weights(lora_dir, adapter_name="style")
-        pipe.load_cpe_adapter(random_adapter(pipe), "eraser")
-    else:
-        pipe.load_cpe_adapter(random_adapter(pipe), "eraser")
-        pipe.load_lora_weights(lora_dir, adapter_name="style")
+    load_in_order(pipe, lora_dir, lora_first)
     both = generate(pipe)
     assert differs(both, references["eraser"]) and differs(both, references["lora"])
 
@@ -140,12 +145,7 @@ def test_lora_and_eraser_compose_and_lora_removal_restores_the_eraser_exactly(
 def test_eraser_removal_leaves_the_lora_exactly(
     pipe: Any, lora_dir: Path, references: dict[str, np.ndarray], lora_first: bool
 ) -> None:
-    if lora_first:
-        pipe.load_lora_weights(lora_dir, adapter_name="style")
-        pipe.load_cpe_adapter(random_adapter(pipe), "eraser")
-    else:
-        pipe.load_cpe_adapter(random_adapter(pipe), "eraser")
-        pipe.load_lora_weights(lora_dir, adapter_name="style")
+    load_in_order(pipe, lora_dir, lora_first)
     pipe.unload_cpe_adapter()
     assert not any(isinstance(m, CPELinear) for m in pipe.unet.modules())
     assert pipe.get_active_adapters() == ["style"]

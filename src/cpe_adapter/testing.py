@@ -224,18 +224,23 @@ def _unet(cross_attention_dim: int, **kwargs: object) -> UNet2DConditionModel:
     return UNet2DConditionModel(**config)
 
 
-def _vae() -> AutoencoderKL:
-    """Four-level VAE (downsampling factor 8, like SD): 64x64 images <-> 8x8x4 latents."""
+def _vae(
+    block_out_channels: tuple[int, ...] = (16, 16, 32, 32),
+    layers_per_block: int = 1,
+    norm_num_groups: int = 8,
+    sample_size: int = 64,
+) -> AutoencoderKL:
+    """Four-level VAE (downsampling factor 8, like SD): 64x64 images <-> 8x8x4 latents by default."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=1,
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
         latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
     )
 
 
@@ -408,16 +413,9 @@ def sd15_random_pipeline(seed: int = 0, *, full_vae: bool = True) -> StableDiffu
                 hidden_act="quick_gelu",
             )
         )
-        vae = _vae()
-        if full_vae:
-            vae = AutoencoderKL(
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2,
-                latent_channels=4,
-                sample_size=512,
-            )
+        vae = (
+            _vae((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512) if full_vae else _vae()
+        )
         pipe = StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,

@@ -30,7 +30,7 @@ from cpe_adapter.training import (
     stage_schedule,
     train_cpe,
 )
-from cpe_adapter.training_data import encode_prompts
+from cpe_adapter.training_data import encode_prompts, fill_rotating
 
 TEMPLATES = ["{}", "a photo of {}", "a painting by {}", "{} walking in the park", "art by {}", "a portrait of {}"]
 ANCHORS = ["a dog", "a red car", "a house", "a tree", "Picasso", "Monet", "Van Gogh"]
@@ -138,6 +138,20 @@ def test_encoding_equals_what_generation_uses():
 
 
 # ------------------------------------------------------------------------------- schedule
+def test_anchor_templates_rotate_so_the_anchors_cover_every_template():
+    templates = [f"t{i} {{}}" for i in range(7)]
+    concepts = ["a", "b", "c", "d", "e"]
+    prompts = fill_rotating(templates, concepts, 3)
+    assert len(prompts) == 15
+    for k, concept in enumerate(concepts):
+        mine = prompts[3 * k : 3 * k + 3]
+        assert all(p.endswith(f" {concept}") for p in mine)
+        assert len(set(p.split()[0] for p in mine)) == 3  # three different templates each
+    assert {p.split()[0] for p in prompts} == {f"t{i}" for i in range(7)}  # together: all of them
+    assert fill_rotating(templates, concepts, None) == [t.replace("{}", c) for c in concepts for t in templates]
+    assert fill_rotating(templates, concepts, 50) == fill_rotating(templates, concepts, None)
+
+
 def test_steps_scale_the_stage_schedule():
     styles = get_preset("styles")
     assert stage_schedule(styles, None) == ((1800,) + (450,) * 9, 450)
@@ -324,6 +338,7 @@ def test_several_concepts_stack_and_route_per_token():
         (["Van Gogh", "van gogh"], {}, "listed twice"),
         ("Van Gogh", {"steps": -3}, "steps"),
         ("Van Gogh", {"anchors": ["Van Gogh's sunflowers"]}, "anchors"),
+        ("Van Gogh", {"anchor_templates": 0}, "anchor_templates"),
     ],
 )
 def test_bad_input_is_refused_clearly(pipe, concepts, kwargs, message):

@@ -32,6 +32,11 @@ class Preset:
         adversarial_weight: ``lambda_adv``.
         alpha: residual strength.
         similar_anchors: how many most-similar pool concepts are used as anchors.
+        anchor_templates: how many templates each anchor concept is filled into (``None``: every
+            template, as METHOD.md §4 lists it). The templates rotate from one anchor concept to
+            the next, so together the anchors still cover every template; the sampled mixups of two
+            anchors then cover many more (concept, template) pairs than are encoded. Encoding is most
+            of the one-off cost of training on a CPU, and this keeps it to a fraction.
     """
 
     name: str
@@ -52,6 +57,7 @@ class Preset:
     adversarial_weight: float = 1.0
     alpha: float = 1.0
     similar_anchors: int = 50
+    anchor_templates: int | None = 10
 
     def replace(self, **overrides: Any) -> Preset:
         fields = {f.name for f in dataclasses.fields(self)}

@@ -40,7 +40,8 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,18 +147,27 @@ def coupling(stack: ProjectionStack, up: torch.Tensor) -> tuple[torch.Tensor, to
     return m.permute(1, 0, 2).reshape(stack.dim, -1), q
 
 
+# Width multiple of the ``[v | D]`` block: matrix kernels on CPU run several times faster on
+# 16-wide operands than on, e.g., 9-wide ones, so the block is padded with zero columns.
+GATE_BLOCK = 16
+
+
 def gate_matrix(
     gate_a: torch.Tensor, gate_b: torch.Tensor | None, gate_v: torch.Tensor, down: torch.Tensor
 ) -> torch.Tensor:
-    """``[A | B | D | v]`` (``d x (2m + L r + 1)``; ``B`` left out when tied): one product reads all of
-    ``E``'s projections the gate and the residual need."""
+    """``[A | B | v | D | 0]`` (``B`` left out when tied; zero columns pad ``[v | D | 0]`` to a multiple
+    of ``GATE_BLOCK``): one product reads all of ``E``'s projections the gate and the residual need."""
     mats = [gate_a] if gate_b is None else [gate_a, gate_b]
-    return torch.cat([*mats, down, gate_v.unsqueeze(1)], dim=1)
+    pad = -(1 + down.shape[1]) % GATE_BLOCK
+    zeros = down.new_zeros(down.shape[0], pad)
+    return torch.cat([*mats, gate_v.unsqueeze(1), down, zeros], dim=1)
 
 
-def codes_from_projection(proj: torch.Tensor, rank: int, tied: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gated low-rank codes ``h = scale * g ⊙ (S (E D))`` ``[n, T, L*r]`` and gates ``g`` ``[n, T]``
-    from ``proj = E [A | B | D | v]`` (``rank`` = gate rank m).
+def codes_from_projection(
+    proj: torch.Tensor, rank: int, tied: bool, scale: float, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated low-rank codes ``h = scale * g ⊙ (S (E D))`` ``[n, T, width]`` and gates ``g`` ``[n, T]``
+    from ``proj = E`` :func:`gate_matrix` (``rank`` = gate rank m, ``width`` = ``L r``).
 
     Uses ``S E D = S (E D)`` and ``Ē v = S (E v)``: the mixed embedding ``Ē`` (``T x d``) is never
     formed, and since ``proj`` is linear in ``E``, sums of embeddings (mixup, ``E_t + Delta``) can be
@@ -168,8 +178,8 @@ def codes_from_projection(proj: torch.Tensor, rank: int, tied: bool, scale: floa
     rest = proj[..., (1 if tied else 2) * rank :]
     mixing = torch.softmax(queries @ keys.transpose(-1, -2), dim=-1)
     mixed = mixing @ rest
-    gates = torch.sigmoid(mixed[..., -1])
-    return scale * gates.unsqueeze(-1) * mixed[..., :-1], gates
+    gates = torch.sigmoid(mixed[..., 0])
+    return scale * gates.unsqueeze(-1) * mixed[..., 1 : 1 + width], gates
 
 
 def gate_codes(
@@ -183,7 +193,7 @@ def gate_codes(
     """Codes and gates of :func:`codes_from_projection` for embeddings ``[n, T, d]``
     (``gate_b=None`` ties the key side to ``gate_a``, as ``tie_gate_qk``)."""
     proj = embeds @ gate_matrix(gate_a, gate_b, gate_v, down)
-    return codes_from_projection(proj, gate_a.shape[1], gate_b is None, scale)
+    return codes_from_projection(proj, gate_a.shape[1], gate_b is None, scale, down.shape[1])
 
 
 def residual_energy(codes: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -199,11 +209,12 @@ def cross_term(codes: torch.Tensor, offsets: torch.Tensor, m: torch.Tensor) -> t
 
 
 class _QuadraticForm(torch.autograd.Function):
-    """``sum_t x_t G x_t^T`` per sample with one matrix product (G symmetric: the gradient is ``2 x G``)."""
+    """``sum_t x_t G x_t^T`` per sample with one matrix product (G symmetric: the gradient is ``2 x G``);
+    a 1-d ``G`` is a diagonal, applied elementwise."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-        y = x @ gram
+        y = x * gram if gram.dim() == 1 else x @ gram
         ctx.save_for_backward(y)
         return (x * y).sum((-1, -2))
 
@@ -214,7 +225,8 @@ class _QuadraticForm(torch.autograd.Function):
 
 
 def base_energy(offsets: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """``mean_t u G u^T`` per sample ``[n]``: the weighted error with no residual (differentiable in ``u``)."""
+    """``mean_t u G u^T`` per sample ``[n]``: the weighted error with no residual (differentiable in ``u``;
+    a 1-d ``gram`` is a diagonal)."""
     return _QuadraticForm.apply(offsets, gram) / offsets.shape[1]
 
 
@@ -222,6 +234,10 @@ def base_energy(offsets: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
 ANCHOR_NOISE = 1e-3  # mixup-anchor noise: per-element std = ANCHOR_NOISE * token norm / sqrt(d)
 DELTA_INIT = 1e-3  # initial adversary, relative to the target embeddings' RMS
 WEIGHT_DECAY = 0.01
+# Intra-op threads on a CPU. An erase step's products are too small to gain from a second thread,
+# which draws the next step's batch instead (:class:`_Prefetcher`); the attack's gain from two.
+ERASE_THREADS_CPU = 1
+ATTACK_THREADS_CPU = 2
 EVAL_TEMPLATES = 8
 EVAL_ANCHORS = 32
 CHECKPOINT_STATE = "trainer_state.json"
@@ -303,6 +319,12 @@ def resolve_plan(
         value = getattr(settings, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "adversaries" else 1):
             raise CPEAdapterError(f"Training option {key!r} must be a positive integer, got {value!r}.")
+    per_anchor = settings.anchor_templates
+    if per_anchor is not None and (isinstance(per_anchor, bool) or not isinstance(per_anchor, int) or per_anchor < 1):
+        raise CPEAdapterError(
+            f"Training option 'anchor_templates' must be a positive integer or None (every template), "
+            f"got {per_anchor!r}."
+        )
     erase_iters, attack_iters = stage_schedule(settings, steps)
     templates = run.get("templates")
     if isinstance(anchors, str):
@@ -456,15 +478,20 @@ class ConceptRun:
         self.anchors = data.anchors.to(dev, torch.float32) if small else data.anchors
         self.empty = data.empty.to(dev, torch.float32)
         self.delta: torch.Tensor | None = None
-        # Delta G and Delta G Delta^T / T of the current adversary (fixed during an erase phase).
-        self._delta_gram: torch.Tensor | None = None
-        self._delta_energy: torch.Tensor | None = None
+        # ``[rows, P]``: the adversarial errors' residual-free part ``2 <u, Delta G> + Delta G Delta^T``
+        # (per token) for every target row; fixed during an erase phase, so computed once per phase.
+        self._adv_base: torch.Tensor | None = None
         self.history: list[dict[str, Any]] = []
         self.next_stage = 0
         self.eval_templates = torch.tensor(_spread(self.target.shape[0], EVAL_TEMPLATES), device=dev)
         self.eval_anchors = torch.tensor(_spread(self.anchors.shape[0], EVAL_ANCHORS), device=self.anchors.device)
 
     # ------------------------------------------------------------------------------ helpers
+    def _phase_threads(self, cpu_default: int) -> int | None:
+        """Intra-op threads of a loop: ``cpu_default`` on a CPU unless ``num_threads`` is set. A fixed
+        number, not the machine's, so a run gives the same bits in any process."""
+        return cpu_default if self.device.type == "cpu" and self.plan.num_threads is None else None
+
     def _trainable(self) -> list[str]:
         return [k for k in self.PARAMS if not (k == "gate_b" and self.plan.tie_gate_qk)]
 
@@ -473,7 +500,9 @@ class ConceptRun:
         return gate_matrix(params["gate_a"], gate_b, params["gate_v"], params["down"])
 
     def _from_projection(self, proj: torch.Tensor) -> torch.Tensor:
-        return codes_from_projection(proj, self.plan.preset.gate_rank, self.plan.tie_gate_qk, self.scale)[0]
+        preset = self.plan.preset
+        width = preset.residual_rank * self.stack.num_layers
+        return codes_from_projection(proj, preset.gate_rank, self.plan.tie_gate_qk, self.scale, width)[0]
 
     def _codes(self, embeds: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._from_projection(embeds @ self._matrix(params))
@@ -523,14 +552,19 @@ class ConceptRun:
             return {"erase": errors[0], "anchor": energy[labelled:].mean()}
         offsets_m = torch.cat([offset_m.unsqueeze(0), offset_m + self.delta @ m])
         cross = 2.0 * (codes[:labelled] * offsets_m).sum((-1, -2)) / self.tokens
-        base = self.offset_energy[template] + torch.cat(
-            [torch.zeros(1, device=self.device), self._delta_cross(offset) + self._delta_energy]
-        )
+        base = self.offset_energy[template] + torch.cat([torch.zeros(1, device=self.device), self._adv_base[template]])
         errors = base + cross + energy[:labelled]
         return {"erase": errors[0], "anchor": energy[labelled:].mean(), "adv": errors[1:].mean()}
 
-    def _delta_cross(self, offset: torch.Tensor) -> torch.Tensor:
-        return 2.0 * (self._delta_gram * offset).sum((-1, -2)) / self.tokens
+    @torch.no_grad()
+    def _adversary_energies(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual-free parts of the current adversary's errors: ``[rows, P]`` for the adversarial
+        loss (``(u + Delta) G (u + Delta)^T - u G u^T``, per token, for every target row's ``u``) and
+        ``[P]`` for the attack's (``Delta G Delta^T``)."""
+        delta_gram = self.delta @ self.stack.gram
+        energy = (self.delta * delta_gram).sum((-1, -2)) / self.tokens
+        cross = 2.0 * torch.einsum("ptd,ntd->np", delta_gram, self.offset) / self.tokens
+        return cross + energy, energy
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -545,12 +579,14 @@ class ConceptRun:
         out = {"erase": float(erase), "anchor": float(anchor)}
         if self.delta is not None:
             delta = self.delta
+            adv_base, attack_base = self._adversary_energies()
             adv, attack = [], []
             for j in idx.tolist():
                 codes = self._codes(self.target[j] + delta, params)
-                shifted = self.offset[j] + delta
-                adv.append(base_energy(shifted, stack.gram) + cross_term(codes, shifted, m) + residual_energy(codes, q))
-                attack.append(base_energy(delta, stack.gram) + cross_term(codes, delta, m) + residual_energy(codes, q))
+                energy = residual_energy(codes, q)
+                adv_row = self.offset_energy[j] + adv_base[j] + cross_term(codes, self.offset[j] + delta, m)
+                adv.append(adv_row + energy)
+                attack.append(attack_base + cross_term(codes, delta, m) + energy)
             out["adv"] = float(torch.cat(adv).mean())
             out["attack"] = float(torch.cat(attack).mean())
         return out
@@ -569,34 +605,59 @@ class ConceptRun:
         )
         adversaries = 0 if self.delta is None else self.delta.shape[0]
         if self.delta is not None:
-            self._delta_gram = self.delta @ self.stack.gram
-            self._delta_energy = (self.delta * self._delta_gram).sum((-1, -2)) / self.tokens
+            self._adv_base = self._adversary_energies()[0]
         adv_weight = preset.adversarial_weight if self.delta is not None else 0.0
-        # One buffer for the whole batch (E_t, E_t + Delta_i, "", mixups), refilled in place each step.
         labelled = 1 + adversaries
-        batch = torch.empty(labelled + 1 + preset.anchor_samples, *self.target.shape[1:], device=self.device)
-        batch[labelled].copy_(self.empty)
-        noise = torch.empty_like(batch[labelled + 1 :])
-        for step in range(iters):
-            lr = _cosine_lr(base_lr, step, iters, plan.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        with _threads(self._phase_threads(ERASE_THREADS_CPU)):
+            for step, (template, batch) in enumerate(self._batches(iters, labelled)):
+                lr = _cosine_lr(base_lr, step, iters, plan.warmup_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                losses = self._erase_step_losses(leaves, template, batch, labelled)
+                total = losses["erase"] + preset.anchor_weight * losses["anchor"]
+                if "adv" in losses:
+                    total = total + adv_weight * losses["adv"]
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                if (step + 1) % plan.log_every == 0 or step + 1 == iters:
+                    logs = {k: float(v.detach()) for k, v in losses.items()}
+                    report("erase", step + 1, iters, {**logs, "loss": float(total.detach()), "lr": lr})
+        self.params = {k: v.detach() for k, v in leaves.items()}
+
+    def _batches(self, iters: int, labelled: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Each erase step's target row and batch (``E_t``, ``E_t + Delta_i``, ``""``, mixups).
+
+        Two buffers are refilled in place. On a CPU a worker thread fills the next step's buffer
+        while the caller trains on the current one; the random draws happen in the same order
+        either way, so the result does not depend on it.
+        """
+        shape = (labelled + 1 + self.plan.preset.anchor_samples, *self.target.shape[1:])
+        buffers = [torch.empty(shape, device=self.device) for _ in range(2)]
+        for buffer in buffers:
+            buffer[labelled].copy_(self.empty)
+        noises = [torch.empty_like(buffer[labelled + 1 :]) for buffer in buffers]
+
+        def fill(step: int) -> int:
+            batch, noise = buffers[step % 2], noises[step % 2]
             template = self._draw_target()
             batch[0].copy_(self.target[template])
             if self.delta is not None:
                 torch.add(self.target[template], self.delta, out=batch[1:labelled])
             self._sample_anchors(batch[labelled + 1 :], noise)
-            losses = self._erase_step_losses(leaves, template, batch, labelled)
-            total = losses["erase"] + preset.anchor_weight * losses["anchor"]
-            if "adv" in losses:
-                total = total + adv_weight * losses["adv"]
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            if (step + 1) % plan.log_every == 0 or step + 1 == iters:
-                logs = {k: float(v.detach()) for k, v in losses.items()}
-                report("erase", step + 1, iters, {**logs, "loss": float(total.detach()), "lr": lr})
-        self.params = {k: v.detach() for k, v in leaves.items()}
+            return template
+
+        if self.device.type != "cpu":
+            for step in range(iters):
+                yield fill(step), buffers[step % 2]
+            return
+        with ThreadPoolExecutor(1) as worker:
+            pending = worker.submit(fill, 0)
+            for step in range(iters):
+                template = pending.result()
+                if step + 1 < iters:
+                    pending = worker.submit(fill, step + 1)
+                yield template, buffers[step % 2]
 
     def attack_phase(self, stage: int, report: Callable[[str, int, int, dict[str, Any]], None]) -> dict[str, float]:
         """Train a fresh adversary against the frozen ResAG; returns the evaluation before it moved.
@@ -626,19 +687,20 @@ class ConceptRun:
             both_v = vectors.T @ torch.cat([matrix, m], dim=1)  # [d, k + L r]: the gate's and M's columns
         z = z.clone().requires_grad_(True)
         optimizer = torch.optim.AdamW([z], lr=preset.attack_lr, weight_decay=0.0, **_fast_adamw(self.device))
-        for step in range(iters):
-            template = self._draw_target()
-            read = z @ both_v
-            codes = self._from_projection(target_proj[template] + read[..., :width])
-            base = (z.square() @ values).sum(-1) / self.tokens
-            cross = 2.0 * (codes * read[..., width:]).sum((-1, -2)) / self.tokens
-            loss = (base + cross + residual_energy(codes, q)).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if (step + 1) % plan.log_every == 0 or step + 1 == iters:
-                value = float(loss.detach())
-                report("attack", step + 1, iters, {"attack": value, "loss": value, "lr": preset.attack_lr})
+        with _threads(self._phase_threads(ATTACK_THREADS_CPU)):
+            for step in range(iters):
+                template = self._draw_target()
+                read = z @ both_v
+                codes = self._from_projection(target_proj[template] + read[..., :width])
+                base = base_energy(z, values)
+                cross = 2.0 * (codes * read[..., width:]).sum((-1, -2)) / self.tokens
+                loss = (base + cross + residual_energy(codes, q)).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if (step + 1) % plan.log_every == 0 or step + 1 == iters:
+                    value = float(loss.detach())
+                    report("attack", step + 1, iters, {"attack": value, "loss": value, "lr": preset.attack_lr})
         self.delta = z.detach() @ vectors.T
         return start
 
@@ -808,6 +870,7 @@ def train_one(
         templates=plan.templates,
         anchors=plan.anchors,
         similar=plan.preset.similar_anchors,
+        anchor_templates=plan.preset.anchor_templates,
     )
     widened = augment_targets(context.pipe, data, spec.name, plan.recipe, domain=context.domain, seed=own_seed)
     run = ConceptRun(
@@ -816,36 +879,37 @@ def train_one(
     if entry is not None:
         run.load_state(checkpoint.tensors(index), entry.get("history", []), int(entry["next_stage"]))
     result = None
-    for stage in range(run.next_stage, plan.stages):
-        total = plan.erase_iters[stage] + (plan.attack_iters if stage + 1 < plan.stages else 0)
-        bar = _progress_bar(progress, total, f"{spec.name} stage {stage + 1}/{plan.stages}")
+    with _threads(plan.num_threads):
+        for stage in range(run.next_stage, plan.stages):
+            total = plan.erase_iters[stage] + (plan.attack_iters if stage + 1 < plan.stages else 0)
+            bar = _progress_bar(progress, total, f"{spec.name} stage {stage + 1}/{plan.stages}")
 
-        def report(phase: str, step: int, iters: int, logs: dict[str, Any], stage: int = stage, bar=bar) -> None:
-            if bar is not None:
-                bar.update(min(plan.log_every, step - (step - 1) // plan.log_every * plan.log_every))
-                bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k != "lr"}, refresh=False)
+            def report(phase: str, step: int, iters: int, logs: dict[str, Any], stage: int = stage, bar=bar) -> None:
+                if bar is not None:
+                    bar.update(min(plan.log_every, step - (step - 1) // plan.log_every * plan.log_every))
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k != "lr"}, refresh=False)
+                if callback is not None:
+                    full = {"concept": spec.name, "concept_index": index, "phase": phase, "iters": iters, **logs}
+                    callback(stage, step, full)
+
+            try:
+                record = run.run_stage(stage, report)
+            finally:
+                if bar is not None:
+                    bar.close()
+            done = stage + 1 == plan.stages
+            result = run.result(own_seed) if done else None
+            if checkpoint is not None:
+                entry = {"next_stage": stage + 1, "done": done, "history": run.history, "variants": widened.variants}
+                if result is not None:
+                    entry["final_loss"] = result.final_loss
+                checkpoint.save(index, run.state_tensors(), entry)
             if callback is not None:
-                full = {"concept": spec.name, "concept_index": index, "phase": phase, "iters": iters, **logs}
-                callback(stage, step, full)
-
-        try:
-            record = run.run_stage(stage, report)
-        finally:
-            if bar is not None:
-                bar.close()
-        done = stage + 1 == plan.stages
-        result = run.result(own_seed) if done else None
-        if checkpoint is not None:
-            entry = {"next_stage": stage + 1, "done": done, "history": run.history, "variants": widened.variants}
-            if result is not None:
-                entry["final_loss"] = result.final_loss
-            checkpoint.save(index, run.state_tensors(), entry)
-        if callback is not None:
-            callback(
-                stage,
-                plan.erase_iters[stage],
-                {"concept": spec.name, "concept_index": index, "phase": "stage_end", **record},
-            )
+                callback(
+                    stage,
+                    plan.erase_iters[stage],
+                    {"concept": spec.name, "concept_index": index, "phase": "stage_end", **record},
+                )
     result = result if result is not None else run.result(own_seed)
     result.variants = list(widened.variants)
     return result
@@ -942,12 +1006,10 @@ def train_concepts(
                 for key in source.concepts:
                     checkpoint.save(int(key), source.tensors(int(key)), source.concepts[key])
     chosen = range(len(specs)) if indices is None else indices
-    threads = plan.num_threads if plan.num_threads is not None or context.device.type != "cpu" else 1
-    with _threads(threads):
-        results = [
-            train_one(context, specs[i], i, seed, progress=progress, callback=callback, checkpoint=checkpoint)
-            for i in chosen
-        ]
+    results = [
+        train_one(context, specs[i], i, seed, progress=progress, callback=callback, checkpoint=checkpoint)
+        for i in chosen
+    ]
     return context, specs, results, name
 
 

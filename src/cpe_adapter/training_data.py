@@ -26,7 +26,7 @@ from torch import nn
 from . import pools
 from .errors import CPEAdapterError
 
-ENCODE_BATCH = 64
+ENCODE_BATCH = 128
 # Caches larger than this (bytes, fp32) are kept in half precision on the CPU.
 HALF_PRECISION_BYTES = 256 * 1024**2
 # Each training run encodes a handful of lists (target, neutral, shared and specific anchors);
@@ -86,6 +86,19 @@ def check_concept(pipe: Any, name: str) -> str:
 
 def fill(templates: Sequence[str], concept: str) -> list[str]:
     return [t.replace("{}", concept) for t in templates]
+
+
+def fill_rotating(templates: Sequence[str], concepts: Sequence[str], per_concept: int | None) -> list[str]:
+    """Each concept in ``per_concept`` templates, the window moving on by ``per_concept`` from one
+    concept to the next (so consecutive concepts cover every template); ``None``: every template."""
+    if per_concept is None or per_concept >= len(templates):
+        return [p for concept in concepts for p in fill(templates, concept)]
+    n = len(templates)
+    return [
+        templates[(i * per_concept + j) % n].replace("{}", concept)
+        for i, concept in enumerate(concepts)
+        for j in range(per_concept)
+    ]
 
 
 def _encoder_key(pipe: Any) -> nn.Module:
@@ -151,8 +164,9 @@ def name_embeddings(pipe: Any, names: Sequence[str], *, batch_size: int = 256) -
     """Unit-norm ``[n, d]`` embeddings of bare names, for ranking concepts by similarity.
 
     The first text encoder's hidden states of the name's tokens (special tokens included), averaged
-    over the real tokens (the attention mask) and normalised: cheap (no padding to the full window)
-    and, on the pipeline's own encoder, a faithful measure of which names it confuses.
+    over the real tokens (the attention mask) and normalised: cheap (no padding to the full window;
+    names are batched by token count, so a batch pads to little) and, on the pipeline's own encoder,
+    a faithful measure of which names it confuses.
     """
     names = list(names)
 
@@ -160,18 +174,21 @@ def name_embeddings(pipe: Any, names: Sequence[str], *, batch_size: int = 256) -
         tokenizer = tokenizers_of(pipe)[0]
         encoder = _encoder_key(pipe)
         device = next(encoder.parameters()).device
-        parts = []
+        ids_of = tokenizer(names, truncation=True)["input_ids"]
+        order = sorted(range(len(names)), key=lambda i: (len(ids_of[i]), i))
+        result = torch.empty(len(names), 0)
         with torch.no_grad():
             for start in range(0, len(names), batch_size):
-                batch = tokenizer(
-                    names[start : start + batch_size], padding="longest", truncation=True, return_tensors="pt"
-                )
+                chunk = order[start : start + batch_size]
+                batch = tokenizer([names[i] for i in chunk], padding="longest", truncation=True, return_tensors="pt")
                 ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
                 hidden = encoder(input_ids=ids, attention_mask=mask)[0].float()
                 weights = mask.unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-                parts.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
-        return torch.cat(parts)
+                if result.shape[1] == 0:
+                    result = torch.empty(len(names), pooled.shape[1])
+                result[chunk] = torch.nn.functional.normalize(pooled, dim=-1).cpu()
+        return result
 
     return _cached(pipe, ("names", tuple(names)), compute)
 
@@ -202,13 +219,15 @@ def anchor_prompts(
     *,
     anchors: Sequence[str] | None,
     similar: int,
+    per_concept: int | None = None,
 ) -> tuple[list[str], list[str]]:
     """Anchor prompts as two lists: shared by every concept of ``domain``, and specific to ``target``.
 
     Default: the domain's general words and the ``similar`` most similar pool concepts, each in
-    every template; for ``"explicit"`` the everyday sentences as they are. A user ``anchors`` list
-    replaces both (concepts filled into every template; whole sentences for ``"explicit"``); its
-    entries that contain the target are left out, as in the default pool.
+    ``per_concept`` templates (:func:`fill_rotating`; ``None``: every template); for ``"explicit"``
+    the everyday sentences as they are. A user ``anchors`` list replaces both (concepts filled into
+    templates the same way; whole sentences for ``"explicit"``); its entries that contain the
+    target are left out, as in the default pool.
     """
     if anchors is not None:
         lowered = target.lower()
@@ -220,12 +239,12 @@ def anchor_prompts(
             )
         if domain == "explicit":
             return [], list(anchors)
-        return [], [p for a in anchors for p in fill(templates, a)]
+        return [], fill_rotating(templates, anchors, per_concept)
     if domain == "explicit":
         return list(pools.concept_pool("explicit")), []
-    shared = [p for word in pools.general_words(domain) for p in fill(templates, word)]
+    shared = fill_rotating(templates, pools.general_words(domain), per_concept)
     chosen = similar_concepts(pipe, target, pools.concept_pool(domain), similar)
-    return shared, [p for name in chosen for p in fill(templates, name)]
+    return shared, fill_rotating(templates, chosen, per_concept)
 
 
 def build_prompt_set(
@@ -237,12 +256,16 @@ def build_prompt_set(
     templates: Sequence[str] | None = None,
     anchors: Sequence[str] | None = None,
     similar: int = 50,
+    anchor_templates: int | None = None,
 ) -> PromptSet:
-    """Encode everything one concept's training needs (see :class:`PromptSet`)."""
+    """Encode everything one concept's training needs (see :class:`PromptSet`); ``anchor_templates``
+    is the number of templates per anchor concept (:func:`fill_rotating`)."""
     templates = list(templates) if templates is not None else pools.templates(domain)
     if not templates or any(t.count("{}") != 1 for t in templates):
         raise CPEAdapterError("Every template needs exactly one '{}' placeholder for the concept.")
-    shared, specific = anchor_prompts(pipe, target, domain, templates, anchors=anchors, similar=similar)
+    shared, specific = anchor_prompts(
+        pipe, target, domain, templates, anchors=anchors, similar=similar, per_concept=anchor_templates
+    )
     parts = [encode_prompts(pipe, p) for p in (shared, specific) if p]
     anchor_embeds = torch.cat(parts) if len(parts) > 1 else parts[0]
     return PromptSet(

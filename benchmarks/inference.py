@@ -13,6 +13,7 @@ peft besides this checkout (``src/`` is put on the path).
     python benchmarks/inference.py --models tiny,sd15          # the CPU tables of docs/benchmarks.md
     python benchmarks/inference.py --models sd15 --device cuda --dtype float16   # 512 px, 50 steps, batch 2
     python benchmarks/inference.py --models tiny --compile     # adds torch.compile(pipe.unet) variants
+    python benchmarks/inference.py --routing --models "" --no-files --threads 1   # per-prompt routing, SD 1.5 dims
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import diffusers
 import torch
 
 import cpe_adapter  # noqa: F401  (installs the pipeline methods)
-from cpe_adapter import CPEAdapter
+from cpe_adapter import CPEAdapter, gate
 from cpe_adapter.runtime import denoiser_of, find_target_layers, get_runtime
 from cpe_adapter.testing import sd15_random_pipeline, sd15_unet, tiny_pipeline
 
@@ -271,6 +272,50 @@ def best_load_time(folders: list[Path], device: str) -> float:
     return min(times)
 
 
+# ------------------------------------------------------------------------ per-prompt routing
+def routing_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """``gate.best_concepts`` + ``gate.routed_residual`` at SD 1.5 dimensions (d=768, m=16, 32 projections).
+
+    Random gate and residual weights (every gate in play), one prompt batch of 77 tokens per call;
+    routing and residual are timed interleaved, the first round warms up.
+    """
+    with torch.device("meta"):
+        layers = find_target_layers(sd15_unet())
+    sizes = [t.out_features for t in layers]
+    dim, rank, tokens, batch = 768, 16, 77, 2 * args.batch
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(batch, tokens, dim, generator=generator)
+    rows = []
+    print(
+        "\n### Per-prompt routing, SD 1.5 dimensions (d=768, m=16, 32 projections, UNet batch "
+        f"{batch}, {torch.get_num_threads()} thread(s))\n"
+    )
+    print("| concepts | routing ms (min / median) | residual ms (min / median) |\n|---|---|---|")
+    for count in (int(c) for c in args.concepts.split(",") if c):
+        gate_a = torch.randn(count, dim, rank, generator=generator) * 0.05
+        gate_b = torch.randn(count, dim, rank, generator=generator) * 0.05
+        gate_v = torch.randn(count, dim, generator=generator) * 0.05
+        down = torch.randn(count, dim, len(layers), generator=generator) * 0.05
+        up = torch.randn(count, 1, sum(sizes), generator=generator) * 0.05
+        times: dict[str, list[float]] = {"routing": [], "residual": []}
+        with torch.no_grad():
+            for _ in range(args.reps + 1):  # interleaved; the first round warms up
+                start = time.perf_counter()
+                _, index, mixed = gate.best_concepts(embeds, gate_a, gate_b, gate_v)
+                times["routing"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                gate.routed_residual(mixed.reshape(-1, dim), index.reshape(-1), down, up, sizes, 1)
+                times["residual"].append(time.perf_counter() - start)
+        figures = {key: [t * 1e3 for t in value[1:]] for key, value in times.items()}
+        rows.append({"concepts": count, **{f"{k}_ms": v for k, v in figures.items()}})
+        low = {k: min(v) for k, v in figures.items()}
+        mid = {k: statistics.median(v) for k, v in figures.items()}
+        print(
+            f"| {count} | {low['routing']:.1f} / {mid['routing']:.1f} | {low['residual']:.1f} / {mid['residual']:.1f} |"
+        )
+    return {"routing": rows}
+
+
 # --------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -289,6 +334,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="write all figures here")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 2 reps, up to 100 concepts")
+    parser.add_argument("--routing", action="store_true", help="per-prompt routing micro-benchmark (SD 1.5 dims)")
+    parser.add_argument("--no-files", action="store_true", help="skip the adapter file size / load time section")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if args.quick:
@@ -350,7 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__}
     if args.device.startswith("cuda"):
         figures["gpu"] = torch.cuda.get_device_name()
-    figures["files"] = file_sizes(args.device)
+    if not args.no_files:
+        figures["files"] = file_sizes(args.device)
+    if args.routing:
+        figures["routing"] = routing_benchmark(args)
     figures["runs"] = []
     for model in filter(None, (m.strip() for m in args.models.split(","))):
         figures["runs"] += run_model(model, args)

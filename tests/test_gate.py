@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cpe_adapter import CPEAdapter, TargetLayer
-from cpe_adapter.gate import gate_values, gated_mixed_embedding, token_mixing
+from cpe_adapter.gate import best_concepts, gate_values, gated_mixed_embedding, token_mixing
 
 D, M, R, T, B = 6, 4, 2, 5, 2
 LAYERS = [TargetLayer("a.attn2.to_k", D, 3), TargetLayer("a.attn2.to_v", D, 4), TargetLayer("b.attn2.to_k", D, 5)]
@@ -150,3 +150,91 @@ def test_initialisation_follows_method():
     assert torch.all(gates == 0.5), "v = 0 opens every gate at exactly 0.5"
     torch.testing.assert_close(mixing, torch.full_like(mixing, 1.0 / T), rtol=0, atol=1e-5)
     assert torch.count_nonzero(residuals) == 0, "U = 0: the untrained residual is exactly zero"
+
+
+# ------------------------------------------------------------------------ routing over many concepts
+def brute_force_routing(embeds, gate_a, gate_b, gate_v):
+    """Top-1 routing in float64 with every concept's full gate: ``(gate, index, mixed)``, first on ties."""
+    wide = embeds.double()
+    key = gate_a if gate_b is None else gate_b
+    gates, mixing = gate_values(wide, gate_a.double(), key.double(), gate_v.double())
+    best = gates.amax(dim=0)
+    index = (gates == best).to(torch.int8).argmax(dim=0)  # the first concept reaching the maximum
+    rows = mixing.gather(0, index[None, :, :, None].expand(1, *mixing.shape[1:])).squeeze(0)
+    return best, index, rows @ wide
+
+
+def routing_case(seed: int, count: int, dim: int = 32, rank: int = 4, batch: int = 3, tokens: int = 9, *, kind: str):
+    """Random routing problems. ``kind``: ``random`` (every gate in play), ``shut`` (trained-like: gates shut on
+    most prompts, a few concepts open on some tokens), ``ties`` (duplicated concepts: exact ties), ``saturated``
+    (several gates at exactly 1.0 in float32)."""
+    gen = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(batch, tokens, dim, generator=gen, dtype=torch.float64)
+    gate_a = torch.randn(count, dim, rank, generator=gen, dtype=torch.float64)
+    gate_b = torch.randn(count, dim, rank, generator=gen, dtype=torch.float64)
+    gate_v = torch.randn(count, dim, generator=gen, dtype=torch.float64)
+    if kind in ("shut", "ties"):
+        # Trained-like: every v_c points away from a shared "generic text" direction, each concept by its own
+        # amount (gates shut on ordinary tokens, some more than others), A and B mix weakly; a few concepts'
+        # own direction is carried by one token of one prompt, where that gate opens.
+        common = torch.randn(dim, generator=gen, dtype=torch.float64)
+        keys = gate_v - (gate_v @ common)[:, None] * common / common.norm() ** 2  # orthogonal to `common`
+        embeds = embeds * 0.1 + common
+        depth = 2.0 + 28.0 * torch.rand(count, 1, generator=gen, dtype=torch.float64)
+        gate_v = keys - depth * common / common.norm() ** 2
+        gate_a, gate_b = gate_a * 0.02, gate_b * 0.02
+        for _ in range(batch):  # about one opened concept per prompt
+            concept = int(torch.randint(count, (1,), generator=gen))
+            spot = torch.randint(batch, (1,), generator=gen), torch.randint(tokens, (1,), generator=gen)
+            lift = (depth[concept] + 6.0) / keys[concept].norm() ** 2
+            embeds[spot[0], spot[1]] += lift * keys[concept]
+    if kind == "ties":
+        order = torch.randperm(count, generator=gen)
+        copies, targets = order[: count // 3], order[count // 3 : 2 * (count // 3)]
+        gate_a[targets], gate_b[targets], gate_v[targets] = gate_a[copies], gate_b[copies], gate_v[copies]
+    if kind == "saturated":
+        gate_v = gate_v * 20.0
+    return embeds, gate_a, gate_b, gate_v
+
+
+@pytest.mark.parametrize("kind", ["random", "shut", "ties", "saturated"])
+@pytest.mark.parametrize("count", [1, 2, 9, 37, 300])
+@pytest.mark.parametrize("tie", [False, True])
+def test_best_concepts_equal_brute_force_float64(kind, count, tie):
+    for seed in range(4):
+        embeds, gate_a, gate_b, gate_v = routing_case(seed * 1000 + count, count, kind=kind)
+        key = None if tie else gate_b
+        expected = brute_force_routing(embeds, gate_a, key, gate_v)
+        for chunk in (4, 128):
+            gate, index, mixed = best_concepts(embeds, gate_a, key, gate_v, chunk=chunk)
+            assert torch.equal(index, expected[1]), (kind, seed, chunk)
+            torch.testing.assert_close(gate, expected[0], rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(mixed, expected[2], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["random", "shut", "ties", "saturated"])
+def test_best_concepts_float32_matches_float64_reference(kind):
+    """Float32 routing (ties from saturation and duplicates included) against the float64 brute force."""
+    for seed in range(6):
+        case = [t.float() for t in routing_case(seed + 50, 200, dim=16, tokens=11, kind=kind)]
+        gate, index, mixed = best_concepts(*case, chunk=16)
+        reference = brute_force_routing(*case)
+        torch.testing.assert_close(gate.double(), reference[0], rtol=1e-4, atol=1e-5)
+        # Float32 may break a (near-)tie differently, but its winner's exact gate is the best one.
+        gates, mixing = gate_values(*[t.double() for t in case])
+        chosen = gates.gather(0, index.unsqueeze(0)).squeeze(0)
+        torch.testing.assert_close(chosen, reference[0], rtol=1e-4, atol=1e-5)
+        rows = mixing.gather(0, index[None, :, :, None].expand(1, *mixing.shape[1:])).squeeze(0)
+        torch.testing.assert_close(mixed.double(), rows @ case[0].double(), rtol=1e-4, atol=1e-4)
+
+
+def test_best_concepts_gradients_match_brute_force():
+    embeds, gate_a, gate_b, gate_v = routing_case(11, 40, kind="random")
+    grads = []
+    for route in (lambda *t: best_concepts(*t, chunk=8), brute_force_routing):
+        leaves = [t.clone().requires_grad_(True) for t in (embeds, gate_a, gate_b, gate_v)]
+        gate, _, mixed = route(*leaves)
+        (gate.sum() + mixed.square().sum()).backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for chunked, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(chunked, reference, rtol=1e-10, atol=1e-12)

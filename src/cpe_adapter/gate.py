@@ -12,9 +12,9 @@ Since ``Ē_c v_c = S_c (E v_c)``, the gate of every concept is found without for
 ``Ē`` is only built for the concept each token is routed to (top-1 over gate values, §3 of
 METHOD.md). Everything here is batched over a concept axis ``N`` and a batch axis ``B``.
 
-Inference (:func:`best_concepts`, :func:`routed_codes`) streams over concepts and tokens in
+Inference (:func:`best_concepts`, :func:`routed_residual`) streams over concepts and tokens in
 chunks, so memory stays bounded by the chunk size however many concepts an adapter holds, and no
-result ever has to be copied back to the host (no data-dependent shapes).
+result ever has to be copied back to the host (no host sync, no data-dependent shapes).
 """
 
 from __future__ import annotations
@@ -70,30 +70,50 @@ def best_concepts(
     gate_a: torch.Tensor,
     gate_b: torch.Tensor | None,
     gate_v: torch.Tensor,
-    chunk: int = GATE_CHUNK,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-1 routing of every token over N concepts: ``(gate, index, mixed)``.
 
     ``gate`` ``[B, T]`` is the largest gate value ``g_c*(t)``, ``index`` ``[B, T]`` the winning
     concept ``c*`` (the first one on ties) and ``mixed`` ``[B, T, d]`` its mixed embedding
-    ``Ē_c*[t] = S_c*[t] E``. ``gate_b=None`` ties the key side to ``gate_a``. Concepts are
-    processed ``chunk`` at a time and only the winning row of each token's mixing matrix is
-    kept, so the cost is O(N·B·T·(d·m + T·m)) once per prompt and memory is O(chunk·B·T²).
+    ``Ē_c*[t] = S_c*[t] E``. ``gate_b=None`` ties the key side to ``gate_a``. ``E v_c`` of every
+    concept is one matrix product; the mixing matrices are then formed ``chunk`` concepts at a
+    time (default :data:`GATE_CHUNK`, read at call time) and only the winning row of each token's
+    mixing matrix is kept, so the cost is O(N·B·T·(d·m + T·m)) once per prompt and memory is
+    O(chunk·B·T²). Every shape is static: no host sync.
     """
-    count = gate_a.shape[0]
     batch, tokens, dim = embeds.shape
     flat = embeds.reshape(batch * tokens, dim)
+    projected = flat @ gate_v.T  # [B*T, N]: E v_c of every concept
+    return _route(embeds, flat, gate_a, gate_b, projected, chunk)
+
+
+def _route(
+    embeds: torch.Tensor,
+    flat: torch.Tensor,
+    gate_a: torch.Tensor,
+    gate_b: torch.Tensor | None,
+    projected: torch.Tensor,
+    chunk: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact top-1 routing over every concept given, ``chunk`` concepts at a time."""
+    chunk = chunk or GATE_CHUNK
+    count = gate_a.shape[0]
+    batch, tokens, _ = embeds.shape
     best_gate = best_index = best_rows = None
     for start in range(0, count, chunk):
         stop = min(start + chunk, count)
         queries = _per_concept(flat, gate_a[start:stop], batch)
         keys = queries if gate_b is None else _per_concept(flat, gate_b[start:stop], batch)
         mixing = torch.softmax(queries @ keys.transpose(-1, -2), dim=-1)
-        projected = (flat @ gate_v[start:stop].T).T.reshape(stop - start, batch, tokens, 1)
-        gates = torch.sigmoid((mixing @ projected).squeeze(-1))
-        index = gates.argmax(dim=0)
-        gate = gates.gather(0, index.unsqueeze(0)).squeeze(0)
-        rows = mixing.gather(0, index[None, :, :, None].expand(1, *mixing.shape[1:])).squeeze(0)
+        columns = projected[:, start:stop].T.reshape(stop - start, batch, tokens, 1)
+        gates = torch.sigmoid((mixing @ columns).squeeze(-1))
+        if stop - start == 1:
+            gate, index, rows = gates[0], torch.zeros_like(gates[0], dtype=torch.long), mixing[0]
+        else:
+            index = gates.argmax(dim=0)
+            gate = gates.gather(0, index.unsqueeze(0)).squeeze(0)
+            rows = mixing.gather(0, index[None, :, :, None].expand(1, *mixing.shape[1:])).squeeze(0)
         if best_gate is None:
             best_gate, best_index, best_rows = gate, index, rows
             continue
@@ -105,10 +125,9 @@ def best_concepts(
 
 
 def _per_concept(flat: torch.Tensor, weight: torch.Tensor, batch: int) -> torch.Tensor:
-    """``E W_c`` for n concepts as one matrix product: ``[B*T, d] x [n, d, m] -> [n, B, T, m]``."""
-    count, dim, rank = weight.shape
-    product = flat @ weight.permute(1, 0, 2).reshape(dim, count * rank)
-    return product.reshape(batch, -1, count, rank).permute(2, 0, 1, 3)
+    """``E W_c`` for n concepts: ``[B*T, d] x [n, d, m] -> [n, B, T, m]`` (one batched product)."""
+    count, _, rank = weight.shape
+    return torch.matmul(flat, weight).view(count, batch, -1, rank)
 
 
 def routed_residual(

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from accelerate import cpu_offload
 from diffusers import (
     ControlNetModel,
     StableDiffusionControlNetPipeline,
@@ -346,6 +347,156 @@ def test_model_cpu_offload_keeps_the_erasure() -> None:
     assert np.array_equal(generate(offloaded), erased)
     offloaded.disable_cpe_adapters()
     assert np.array_equal(generate(offloaded), bare)
+
+
+def sequential_cpu_offload(pipe: Any) -> None:
+    """What ``pipe.enable_sequential_cpu_offload(device="cpu")`` does, with the execution device ``cpu``.
+
+    diffusers turns ``device="cpu"`` into ``cpu:0``; on the CPU, torch then copies every parameter
+    that accelerate loads (``Parameter.to("cpu:0")`` is a new plain tensor), and accelerate fails
+    when it sets that plain tensor back to ``meta`` after the forward (text encoder first). Same
+    loop as diffusers, same accelerate hooks (``cpu_offload`` per component), device ``cpu``.
+    """
+    for name, model in pipe.components.items():
+        if isinstance(model, torch.nn.Module) and name not in pipe._exclude_from_cpu_offload:
+            cpu_offload(model, torch.device("cpu"), offload_buffers=len(model._parameters) > 0)
+
+
+@pytest.mark.parametrize("offload_first", [False, True], ids=["load-then-offload", "offload-then-load"])
+def test_sequential_cpu_offload_keeps_the_erasure(offload_first: bool) -> None:
+    reference = tiny_pipeline("sd")
+    adapter = random_adapter(reference)  # built on a pipeline whose weights are not on ``meta``
+    bare = generate(reference)
+    reference.load_cpe_adapter(adapter, "eraser")
+    erased = generate(reference)
+    assert differs(erased, bare)
+
+    offloaded = tiny_pipeline("sd")
+    if offload_first:
+        sequential_cpu_offload(offloaded)
+        offloaded.load_cpe_adapter(adapter, "eraser")
+    else:
+        offloaded.load_cpe_adapter(adapter, "eraser")
+        sequential_cpu_offload(offloaded)
+    assert {p.device.type for p in offloaded.unet.parameters()} == {"meta"}  # really offloaded
+    assert get_runtime(offloaded.unet).adapters["eraser"].gate_v.device.type == "cpu"
+    assert np.array_equal(generate(offloaded), erased)
+    assert np.array_equal(generate(offloaded), erased)  # second call: cached path
+    offloaded.disable_cpe_adapters()
+    assert np.array_equal(generate(offloaded), bare)
+    offloaded.enable_cpe_adapters()
+    offloaded.unload_cpe_adapter()
+    assert not any(isinstance(m, CPELinear) for m in offloaded.unet.modules())
+    assert np.array_equal(generate(offloaded), bare)
+    offloaded.load_cpe_adapter(adapter, "eraser")  # loading again while offloaded
+    assert np.array_equal(generate(offloaded), erased)
+    offloaded.remove_all_hooks()  # back to plain CPU weights with the eraser in place
+    assert {p.device.type for p in offloaded.unet.parameters()} == {"cpu"}
+    assert np.array_equal(generate(offloaded), erased)
+    offloaded.unload_cpe_adapter()
+    assert np.array_equal(generate(offloaded), bare)
+
+
+def test_enable_sequential_cpu_offload_itself() -> None:
+    """The diffusers call proper; on a CPU-only torch it fails before any UNet code runs (see above)."""
+    offloaded = tiny_pipeline("sd")
+    reference = tiny_pipeline("sd")
+    adapter = random_adapter(reference)
+    reference.load_cpe_adapter(adapter, "eraser")
+    offloaded.load_cpe_adapter(adapter, "eraser")
+    offloaded.enable_sequential_cpu_offload(device="cpu")
+    try:
+        images = generate(offloaded)
+    except TypeError as error:
+        if type(torch.nn.Parameter(torch.ones(1)).to("cpu:0")) is torch.nn.Parameter:
+            raise  # the known cause is gone: this failure is something else
+        pytest.xfail(f"accelerate cannot offload to 'cpu:0' with this torch: {error}"[:200])
+    assert np.array_equal(images, generate(reference))
+
+
+def controlnet_for(unet: Any, seed: int = 5) -> ControlNetModel:
+    """``ControlNetModel.from_unet`` with seeded, non-zero output convolutions (a fresh one is zero)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 48, 64))
+        with torch.no_grad():
+            for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+                for param in module.parameters():
+                    param.normal_(0.0, 0.2)
+    return controlnet
+
+
+CONTROL = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+
+
+def controlnet_residuals(pipe: Any, controlnet: ControlNetModel) -> list[torch.Tensor]:
+    """Down and mid residuals of ``controlnet`` for PROMPT (the UNet never runs)."""
+    embeds = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        down, mid = controlnet(latents, 500, embeds, controlnet_cond=CONTROL, return_dict=False)
+    return [*down, mid]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_controlnet_attached_after_loading_is_erased_from_the_first_step(pipe: Any) -> None:
+    at_load = controlnet_for(pipe.unet)
+    present = StableDiffusionControlNetPipeline(**pipe.components, controlnet=at_load)
+    present.set_progress_bar_config(disable=True)
+    bare_residuals = controlnet_residuals(pipe, at_load)
+    bare = generate(present, image=CONTROL)
+    present.load_cpe_adapter(random_adapter(pipe), "eraser")
+    erased_residuals = controlnet_residuals(pipe, at_load)
+    erased = generate(present, image=CONTROL)
+    assert not same(erased_residuals, bare_residuals)
+
+    # from_pipe with a new ControlNet, after the adapter was loaded: erased at once
+    late = controlnet_for(pipe.unet)
+    from_pipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=late)
+    from_pipe.set_progress_bar_config(disable=True)
+    assert isinstance(late.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2.to_k"), CPELinear)
+    assert same(controlnet_residuals(pipe, late), erased_residuals)
+    first_call = generate(from_pipe, image=CONTROL)
+    assert np.array_equal(first_call, erased)
+    assert differs(first_call, bare)
+
+    # plain assignment on a pipeline made before the ControlNet existed
+    assigned = controlnet_for(pipe.unet)
+    from_pipe.controlnet = assigned
+    assert same(controlnet_residuals(pipe, assigned), erased_residuals)
+    assert np.array_equal(generate(from_pipe, image=CONTROL), erased)
+
+    # switches made on any pipeline reach every ControlNet; unloading anywhere removes them all
+    pipe.disable_cpe_adapters()
+    assert same(controlnet_residuals(pipe, late), bare_residuals)
+    assert same(controlnet_residuals(pipe, assigned), bare_residuals)
+    pipe.enable_cpe_adapters()
+    pipe.unload_cpe_adapter()
+    for controlnet in (at_load, late, assigned):
+        assert get_runtime(controlnet) is None
+        assert not any(isinstance(m, CPELinear) for m in controlnet.modules())
+    assert np.array_equal(generate(from_pipe, image=CONTROL), bare)
+
+
+def test_loading_on_the_base_pipeline_erases_controlnets_of_pipelines_sharing_its_unet(pipe: Any) -> None:
+    controlnet = controlnet_for(pipe.unet)
+    control_pipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
+    bare_residuals = controlnet_residuals(pipe, controlnet)
+    pipe.load_cpe_adapter(random_adapter(pipe), "eraser")  # on the pipeline *without* ControlNet
+    erased_residuals = controlnet_residuals(pipe, controlnet)
+    assert not same(erased_residuals, bare_residuals)
+    pipe.load_cpe_adapter(random_adapter(pipe, seed=4), "second")
+    pipe.unload_cpe_adapter("eraser")
+    pipe.set_cpe_adapters(["second"])
+    assert list(get_runtime(controlnet).adapters) == ["second"]
+    pipe.load_cpe_adapter(random_adapter(pipe), "eraser")  # same name again: the ControlNet gets the new one
+    pipe.set_cpe_adapters(["eraser"])
+    assert same(controlnet_residuals(pipe, controlnet), erased_residuals)
+    control_pipe.unload_cpe_adapter()
+    assert get_runtime(controlnet) is None
 
 
 def test_pipelines_from_pipe_share_the_loaded_erasure(pipe: Any) -> None:

@@ -375,6 +375,7 @@ class CPERuntime:
                 if parent is None:
                     parent, attr = attn, proj
                 wrapper = CPELinear(linear, self, index)
+                _carry_offload_hook(linear, wrapper)
                 setattr(parent, attr, wrapper)
                 wrappers.append(wrapper)
                 slots.append((attn, proj, wrapper))
@@ -391,6 +392,7 @@ class CPERuntime:
             original = wrapper.cpe_original
             original.weight = wrapper.weight
             original.bias = wrapper.bias
+            _carry_offload_hook(wrapper, original)
             setattr(parent, attr, original)
         for hook in self._hooks:
             hook.remove()
@@ -702,6 +704,45 @@ def _after_forward(module: nn.Module, args: tuple, output: Any) -> None:
         _after_forward_untraced(module)
     else:
         _after_forward_impl(module)
+
+
+def _align_hooks(hook: Any) -> list[Any]:
+    """The accelerate hooks inside ``hook`` (a ``SequentialHook`` chains several)."""
+    return list(getattr(hook, "hooks", None) or [hook])
+
+
+def _carry_offload_hook(source: nn.Module, target: nn.Module) -> None:
+    """Make ``target`` carry exactly the accelerate hook of ``source`` (none if it has none).
+
+    With ``enable_sequential_cpu_offload`` (accelerate's ``cpu_offload``) every module with its own
+    parameters keeps them on the ``meta`` device outside its forward; an ``AlignDevicesHook`` on that
+    module loads them from a CPU copy, keyed by the module's parameter names, just before its forward
+    and drops them after it. A wrapper that takes the place of such a layer (same parameter names)
+    must carry the same hook, and the layer put back on unload must carry the hook the wrapper had
+    (offload may have been enabled, or re-enabled, while the wrapper was in place). The hook's
+    ``original_devices`` (where ``remove_hook_from_module`` puts the weights back) are kept: the
+    hook's ``init_hook`` would otherwise record ``meta`` for the already offloaded weights.
+    """
+    hook = getattr(source, "_hf_hook", None)
+    current = getattr(target, "_hf_hook", None)
+    if current is hook:
+        return
+    if current is not None or hasattr(target, "_old_forward"):
+        from accelerate.hooks import remove_hook_from_module
+
+        # A stale hook (say, from before the offload was re-enabled): its detach puts the weights of
+        # its own CPU copy back on ``target``; the caller sets ``target``'s parameters afterwards.
+        weight, bias = target.weight, target.bias
+        remove_hook_from_module(target)
+        target.weight, target.bias = weight, bias
+    if hook is None:
+        return
+    from accelerate.hooks import add_hook_to_module
+
+    devices = [(h, dict(h.original_devices)) for h in _align_hooks(hook) if hasattr(h, "original_devices")]
+    add_hook_to_module(target, hook)
+    for h, original in devices:
+        h.original_devices = original
 
 
 def get_runtime(denoiser: nn.Module, create: bool = False) -> CPERuntime | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -41,7 +42,7 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 from cpe_adapter import CPEAdapter, CPEConfig
-from cpe_adapter.config import CONFIG_NAME, MAX_PARAMETERS, METADATA_KEY, WEIGHTS_NAME
+from cpe_adapter.config import CONFIG_NAME, MAX_PARAMETERS, METADATA_KEY, WEIGHTS_NAME, ConceptSpec, TargetLayer
 from cpe_adapter.errors import AdapterFileError, CPEAdapterError
 from cpe_adapter.hub import load_adapter
 from cpe_adapter.testing import tiny_pipeline
@@ -94,24 +95,10 @@ HOSTILE_STRINGS = [
     "\u202e\u0645\u0631\u062d\u0628\u0627",
 ]
 HOSTILE_NUMBERS = [0, -1, 1, 2, 3, 7, 16, 32, 2**31, 2**63, 2**64 + 1, 10**12, 10**30, 1.5, -0.0, 1e308, True, False]
-CONFIG_KEYS = [
-    "concepts",
-    "text_embed_dim",
-    "target_layers",
-    "gate_rank",
-    "residual_rank",
-    "alpha",
-    "tie_gate_qk",
-    "name",
-    "base_model",
-    "base_model_revision",
-    "preset",
-    "training",
-    "evaluation",
-    "library_version",
-    "weights_sha256",
-    "format_version",
-]
+# Every field the config file can hold (read from the dataclass, so new fields are fuzzed too).
+CONFIG_KEYS = [f.name for f in dataclasses.fields(CPEConfig)]
+CONCEPT_KEYS = [f.name for f in dataclasses.fields(ConceptSpec)]
+LAYER_KEYS = [f.name for f in dataclasses.fields(TargetLayer)]
 
 
 class ForbiddenCall(BaseException):
@@ -439,10 +426,8 @@ JSON_VALUES = st.recursive(
 )
 CONFIG_PATHS = st.one_of(
     st.sampled_from(CONFIG_KEYS).map(lambda key: (key,)),
-    st.tuples(st.just("concepts"), st.integers(0, 2), st.sampled_from(["name", "neutral", "eta", "extra"])),
-    st.tuples(
-        st.just("target_layers"), st.integers(0, 4), st.sampled_from(["name", "in_features", "out_features", "x"])
-    ),
+    st.tuples(st.just("concepts"), st.integers(0, 2), st.sampled_from([*CONCEPT_KEYS, "extra"])),
+    st.tuples(st.just("target_layers"), st.integers(0, 4), st.sampled_from([*LAYER_KEYS, "x"])),
     st.text(min_size=1, max_size=10).map(lambda key: (key,)),
 )
 

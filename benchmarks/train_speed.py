@@ -17,6 +17,7 @@ machine). Usage::
 
     python benchmarks/train_speed.py --quick
     python benchmarks/train_speed.py --models sd-semantic --steps 200 --device cpu --threads 1
+    python benchmarks/train_speed.py --models sd-semantic --end-to-end   # the whole styles preset
 """
 
 from __future__ import annotations
@@ -189,9 +190,8 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
             looped.step()
     n, m = args.steps, args.naive_steps
     styles = get_preset("styles")
-    default_prompts = 2 * len(pools.templates("styles")) + (len(pools.general_words("styles")) + 50) * len(
-        pools.templates("styles")
-    )
+    per_anchor = min(styles.anchor_templates or len(pools.templates("styles")), len(pools.templates("styles")))
+    default_prompts = 2 * len(pools.templates("styles")) + (len(pools.general_words("styles")) + 50) * per_anchor
     per = {
         "encode_ms_per_prompt": 1e3 * enc.used / prompts,
         "erase0_ms": 1e3 * first.used / n,
@@ -229,6 +229,45 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def end_to_end(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One real ``train_cpe`` call with the full ``styles`` preset, split into encoding and loops."""
+    import cpe_adapter.training as training
+    from cpe_adapter.training import train_cpe
+
+    pipe = build(name)
+    spent: dict[str, float] = {"encode": 0.0, "erase": 0.0, "attack": 0.0}
+    originals = {}
+
+    def timed(owner: Any, attr: str, key: str) -> None:
+        original = getattr(owner, attr)
+        originals[(owner, attr)] = original
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - start
+
+        setattr(owner, attr, wrapper)
+
+    timed(training, "build_prompt_set", "encode")
+    timed(training.ConceptRun, "erase_phase", "erase")
+    timed(training.ConceptRun, "attack_phase", "attack")
+    try:
+        with Clock() as whole:
+            train_cpe(pipe, "Van Gogh", preset="styles", device=args.device, progress=False)
+    finally:
+        for (owner, attr), original in originals.items():
+            setattr(owner, attr, original)
+    return {
+        "model": name,
+        "wall_s": round(whole.wall, 1),
+        "cpu_s": round(whole.cpu, 1),
+        **{f"{k}_wall_s": round(v, 1) for k, v in spent.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny-sd", "sd-semantic", "sd15"])
@@ -240,7 +279,17 @@ def main() -> None:
     parser.add_argument("--anchors", type=int, default=8, help="anchor concepts encoded for the timing")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="time one real train_cpe call with the full styles preset (default threads) instead",
+    )
     args = parser.parse_args()
+    if args.end_to_end:
+        for name in args.models:
+            row = end_to_end(name, args)
+            print(json.dumps(row) if args.json else " | ".join(f"{k} {v}" for k, v in row.items()))
+        return
     if args.quick:
         args.steps, args.naive_steps, args.templates, args.anchors = 20, 3, 8, 4
     torch.set_num_threads(args.threads)

@@ -253,7 +253,10 @@ class _Stop(Exception):
     pass
 
 
-def test_resume_from_a_stage_checkpoint_equals_an_uninterrupted_run(pipe, tmp_path):
+@pytest.mark.parametrize("searches", [{}, {"prompt_searches": 1, "prompt_search_budget": 16}])
+def test_resume_from_a_stage_checkpoint_equals_an_uninterrupted_run(pipe, tmp_path, searches):
+    """Also with discrete adversaries, whose found prompts are part of the checkpointed state."""
+    SMALL = {**globals()["SMALL"], **searches}
     concepts = ["Van Gogh", "Monet"]
     uninterrupted = _weights(train_cpe(pipe, concepts, preset="styles", seed=3, **SMALL))
 
@@ -291,6 +294,36 @@ def test_resume_from_a_stage_checkpoint_equals_an_uninterrupted_run(pipe, tmp_pa
     (tmp_path / "concept_0001.safetensors").unlink()
     with pytest.raises(CPEAdapterError, match="incomplete"):
         train_cpe(pipe, concepts, preset="styles", seed=3, resume_from=tmp_path, **SMALL)
+
+
+def test_prompt_searches_find_real_prompts_and_the_next_stages_erase_them(pipe):
+    options = {**FAST, "steps": 240}
+    searches = {"prompt_searches": 2, "prompt_search_budget": 32}
+    searched = train_cpe(pipe, "Van Gogh", preset="styles", seed=0, **searches, **options)
+    found = [f for record in searched.config.training["history"]["Van Gogh"] for f in record.get("found_prompts", [])]
+    assert found, "no search beat its start prompt"
+    starts = [TEMPLATES[f["template"]].replace("{}", "Van Gogh") for f in found]
+    assert all(isinstance(f["prompt"], str) and f["prompt"] != start for f, start in zip(found, starts, strict=True))
+    plain = train_cpe(pipe, "Van Gogh", preset="styles", seed=0, **options)
+
+    # Each found prompt's erase error: how far its erased K/V are from the erase target of the
+    # prompt its search started from, (1 + eta) P(E_n) - eta P(E_t) = P((1 + eta) E_n - eta E_t).
+    # Trained against them, the later stages move the found prompts to that target.
+    eta = get_preset("styles").eta
+    neutrals = [TEMPLATES[f["template"]].replace("{}", "real photograph") for f in found]
+    goal = (1 + eta) * encode_prompts(pipe, neutrals, cache=False) - eta * encode_prompts(pipe, starts, cache=False)
+    targets = _projections(pipe, goal)
+    prompts = encode_prompts(pipe, [f["prompt"] for f in found], cache=False)
+    stack = build_stack(pipe.unet, find_target_layers(pipe.unet), prompts.shape[1], "cpu")
+    errors = {}
+    for label, adapter in (("searched", searched), ("plain", plain)):
+        name = pipe.load_cpe_adapter(adapter)
+        try:
+            erased = _projections(pipe, prompts)
+        finally:
+            pipe.unload_cpe_adapter(name)
+        errors[label] = float(_weighted_norm(erased - targets, stack.column_weight))
+    assert errors["searched"] < 0.9 * errors["plain"], errors
 
 
 # ------------------------------------------------------------------------------- routing

@@ -18,8 +18,9 @@ distance ``d(x) = sqrt(sum_l c_l ||P'_l(x) - P_l(E_t)||^2)``. The erasure leaves
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,7 +29,14 @@ from .errors import CPEAdapterError
 if TYPE_CHECKING:
     from .evaluation import KVProbe
 
-__all__ = ["EmbeddingAttackResult", "PromptAttackResult", "embedding_attack", "prompt_attack", "recovery"]
+__all__ = [
+    "EmbeddingAttackResult",
+    "PromptAttackResult",
+    "coordinate_search",
+    "embedding_attack",
+    "prompt_attack",
+    "recovery",
+]
 
 
 def recovery(start_distance: float, best_distance: float) -> float:
@@ -87,40 +95,33 @@ def _vocabulary(tokenizer: object) -> list[int]:
     return [i for i in range(len(tokenizer)) if i not in special]
 
 
-def prompt_attack(
-    probe: KVProbe,
-    prompt: str,
+def coordinate_search(
+    tokenizer: Any,
+    start: str,
+    score: Callable[[list[str]], torch.Tensor],
     *,
-    budget: int = 256,
+    budget: int,
     batch_size: int = 32,
     seed: int = 0,
-    start_prompt: str | None = None,
-) -> PromptAttackResult:
-    """Greedy coordinate search for a prompt whose erased K/V match ``prompt``'s original K/V.
+    start_score: float | None = None,
+) -> tuple[str, float, int, list[float]]:
+    """Greedy coordinate search over token substitutions and insertions, minimising ``score``.
 
     Each round picks one coordinate (a token position, visited in a shuffled cycle) and tries a
     batch of random vocabulary tokens there, half as substitutions and half as insertions; the best
-    candidate is kept if it lowers the distance. The search starts from ``start_prompt`` (default:
-    ``prompt`` itself, e.g. pass the neutral prompt instead) and stops after ``budget`` candidates.
+    candidate is kept if it lowers the score. ``score`` maps candidate strings to a ``[n]`` tensor.
+    ``start_score`` is ``start``'s own score if known (otherwise it is scored, which counts against
+    ``budget``). Returns the best prompt, its score, the candidates scored and the best score after
+    each round.
     """
-    if budget < 1 or batch_size < 1:
-        raise CPEAdapterError(f"budget and batch_size must be positive, got {budget} and {batch_size}.")
-    tokenizer = getattr(probe.pipe, "tokenizer", None)
-    if tokenizer is None:
-        raise CPEAdapterError("The prompt attack needs the pipeline's tokenizer (`pipe.tokenizer`), which is None.")
     rng = random.Random(seed)
     vocabulary = _vocabulary(tokenizer)
     max_tokens = max(1, int(getattr(tokenizer, "model_max_length", 77) or 77) - 2)
-
-    target_embeds = probe.encode([prompt])
-    reference = probe.project(target_embeds, original=True)
-    start_distance = float(_distances(probe, target_embeds, reference)[0])
-    start = prompt if start_prompt is None else start_prompt
     current = list(tokenizer(start, add_special_tokens=False)["input_ids"])[:max_tokens]
-    if start_prompt is None:
-        current_distance, evaluations = start_distance, 0
+    if start_score is None:
+        current_score, evaluations = float(score([start])[0]), 1
     else:
-        current_distance, evaluations = float(_distances(probe, probe.encode([start]), reference)[0]), 1
+        current_score, evaluations = float(start_score), 0
     best_prompt = start
     history: list[float] = []
     positions: list[int] = []
@@ -141,14 +142,52 @@ def prompt_attack(
                 edited[rng.randrange(len(edited))] = token
             candidates.append(edited)
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in candidates]
-        distances = _distances(probe, probe.encode(texts), reference)
+        scores = score(texts)
         evaluations += len(candidates)
-        winner = int(torch.argmin(distances))
-        if float(distances[winner]) < current_distance:
-            current_distance = float(distances[winner])
+        winner = int(torch.argmin(scores))
+        if float(scores[winner]) < current_score:
+            current_score = float(scores[winner])
             current = list(tokenizer(texts[winner], add_special_tokens=False)["input_ids"])[:max_tokens]
             best_prompt = texts[winner]
-        history.append(current_distance)
+        history.append(current_score)
+    return best_prompt, current_score, evaluations, history
+
+
+def prompt_attack(
+    probe: KVProbe,
+    prompt: str,
+    *,
+    budget: int = 256,
+    batch_size: int = 32,
+    seed: int = 0,
+    start_prompt: str | None = None,
+) -> PromptAttackResult:
+    """Greedy coordinate search (:func:`coordinate_search`) for a prompt whose erased K/V match
+    ``prompt``'s original K/V. The search starts from ``start_prompt`` (default: ``prompt`` itself,
+    e.g. pass the neutral prompt instead) and stops after ``budget`` candidates.
+    """
+    if budget < 1 or batch_size < 1:
+        raise CPEAdapterError(f"budget and batch_size must be positive, got {budget} and {batch_size}.")
+    tokenizer = getattr(probe.pipe, "tokenizer", None)
+    if tokenizer is None:
+        raise CPEAdapterError("The prompt attack needs the pipeline's tokenizer (`pipe.tokenizer`), which is None.")
+    target_embeds = probe.encode([prompt])
+    reference = probe.project(target_embeds, original=True)
+    start_distance = float(_distances(probe, target_embeds, reference)[0])
+
+    def score(texts: list[str]) -> torch.Tensor:
+        return _distances(probe, probe.encode(texts), reference)
+
+    start = prompt if start_prompt is None else start_prompt
+    best_prompt, current_distance, evaluations, history = coordinate_search(
+        tokenizer,
+        start,
+        score,
+        budget=budget,
+        batch_size=batch_size,
+        seed=seed,
+        start_score=start_distance if start_prompt is None else None,
+    )
     return PromptAttackResult(
         prompt=prompt,
         best_prompt=best_prompt,

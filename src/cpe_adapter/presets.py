@@ -37,6 +37,13 @@ class Preset:
             the next, so together the anchors still cover every template; the sampled mixups of two
             anchors then cover many more (concept, template) pairs than are encoded. Encoding is most
             of the one-off cost of training on a CPU, and this keeps it to a fraction.
+        prompt_searches: discrete adversaries: after each attack phase, this many greedy token
+            searches (substitutions and insertions, :func:`cpe_adapter.attacks.coordinate_search`),
+            each from one training prompt of the target, look for a real prompt whose *erased*
+            K/V come closest to the target's original K/V; each one found joins the adversarial
+            rows of every later stage (up to ``MAX_FOUND_PROMPTS``), pushed to the erase target.
+            0 turns them off (the paper's recipe: continuous perturbations only).
+        prompt_search_budget: candidate prompts encoded per search.
     """
 
     name: str
@@ -58,6 +65,8 @@ class Preset:
     alpha: float = 1.0
     similar_anchors: int = 50
     anchor_templates: int | None = 10
+    prompt_searches: int = 0
+    prompt_search_budget: int = 64
 
     def replace(self, **overrides: Any) -> Preset:
         fields = {f.name for f in dataclasses.fields(self)}

@@ -237,6 +237,8 @@ WEIGHT_DECAY = 0.01
 # Intra-op threads on a CPU. An erase step's products are too small to gain from a second thread,
 # which draws the next step's batch instead (:class:`_Prefetcher`); the attack's gain from two.
 ERASE_THREADS_CPU = 1
+# Prompts found by the discrete searches that stay adversarial rows (the latest ones).
+MAX_FOUND_PROMPTS = 16
 ATTACK_THREADS_CPU = 2
 EVAL_TEMPLATES = 8
 EVAL_ANCHORS = 32
@@ -481,6 +483,12 @@ class ConceptRun:
         # ``[rows, P]``: the adversarial errors' residual-free part ``2 <u, Delta G> + Delta G Delta^T``
         # (per token) for every target row; fixed during an erase phase, so computed once per phase.
         self._adv_base: torch.Tensor | None = None
+        # Prompts found by the discrete search (``prompt_searches``): their embeddings ``[k, T, d]`` (what
+        # the gate reads) and offsets ``x - goal`` from the erase goal ``E_t - u`` of the row each
+        # search started from (a projection of ``goal`` is that row's erase target, P being affine).
+        self.found: torch.Tensor | None = None
+        self.found_offsets: torch.Tensor | None = None
+        self._found_energy: torch.Tensor | None = None
         self.history: list[dict[str, Any]] = []
         self.next_stage = 0
         self.eval_templates = torch.tensor(_spread(self.target.shape[0], EVAL_TEMPLATES), device=dev)
@@ -539,22 +547,50 @@ class ConceptRun:
     def _erase_step_losses(
         self, params: dict[str, torch.Tensor], template: int, batch: torch.Tensor, labelled: int
     ) -> dict[str, torch.Tensor]:
-        """``erase``, ``anchor`` and (with an adversary) ``adv`` losses; ``batch`` holds ``E_t``, then
-        ``E_t + Delta_i``, then the anchors (``""`` and the mixups)."""
+        """``erase``, ``anchor``, ``adv`` (with an adversary) and ``found`` (with found prompts) losses;
+        ``batch`` holds ``E_t``, then ``E_t + Delta_i`` and the found prompts (the ``labelled`` rows),
+        then the anchors (``""`` and the mixups). ``adv`` and ``found`` have the same weight."""
         offset = self.offset[template]
         codes = self._codes(batch, params)
         m, q = coupling(self.stack, params["up"])
         energy = residual_energy(codes, q)
         offset_m = offset @ m
-        if self.delta is None:
-            cross = 2.0 * (codes[:1] * offset_m).sum((-1, -2)) / self.tokens
-            errors = self.offset_energy[template] + cross + energy[:1]
-            return {"erase": errors[0], "anchor": energy[labelled:].mean()}
-        offsets_m = torch.cat([offset_m.unsqueeze(0), offset_m + self.delta @ m])
+        rows_m, rows_base = [offset_m.unsqueeze(0)], [self.offset_energy[template : template + 1]]
+        if self.delta is not None:
+            rows_m.append(offset_m + self.delta @ m)
+            rows_base.append(self.offset_energy[template] + self._adv_base[template])
+        if self.found is not None:
+            rows_m.append(self.found_offsets @ m)
+            rows_base.append(self._found_energy)
+        offsets_m = torch.cat(rows_m) if len(rows_m) > 1 else rows_m[0]
         cross = 2.0 * (codes[:labelled] * offsets_m).sum((-1, -2)) / self.tokens
-        base = self.offset_energy[template] + torch.cat([torch.zeros(1, device=self.device), self._adv_base[template]])
-        errors = base + cross + energy[:labelled]
-        return {"erase": errors[0], "anchor": energy[labelled:].mean(), "adv": errors[1:].mean()}
+        errors = torch.cat(rows_base) + cross + energy[:labelled]
+        losses = {"erase": errors[0], "anchor": energy[labelled:].mean()}
+        adversaries = 1 + (0 if self.delta is None else self.delta.shape[0])
+        if adversaries > 1:
+            losses["adv"] = errors[1:adversaries].mean()
+        if self.found is not None:
+            losses["found"] = errors[adversaries:].mean()
+        return losses
+
+    @torch.no_grad()
+    def attack_objective(self, embeds: torch.Tensor, row: int) -> torch.Tensor:
+        """``||P'(x) - P(E_t)||²_w`` (token mean) of embeddings ``[n, T, d]`` against target row ``row``:
+        what a prompt attack on the current eraser minimises (``P`` affine: ``u = x - E_t``)."""
+        m, q = coupling(self.stack, self.params["up"])
+        codes = self._codes(embeds, self.params)
+        offsets = embeds - self.target[row]
+        return base_energy(offsets, self.stack.gram) + cross_term(codes, offsets, m) + residual_energy(codes, q)
+
+    def add_found(self, embeds: torch.Tensor, rows: Sequence[int]) -> None:
+        """Make prompts found by a search (``[k, T, d]``, started from target rows ``rows``) adversarial
+        rows of every later erase phase, keeping the latest ``MAX_FOUND_PROMPTS``."""
+        index = torch.tensor(list(rows), device=self.device)
+        embeds = embeds.to(self.device, torch.float32)
+        offsets = embeds - (self.target[index] - self.offset[index])
+        if self.found is not None:
+            embeds, offsets = torch.cat([self.found, embeds]), torch.cat([self.found_offsets, offsets])
+        self.found, self.found_offsets = embeds[-MAX_FOUND_PROMPTS:], offsets[-MAX_FOUND_PROMPTS:]
 
     @torch.no_grad()
     def _adversary_energies(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -606,8 +642,11 @@ class ConceptRun:
         adversaries = 0 if self.delta is None else self.delta.shape[0]
         if self.delta is not None:
             self._adv_base = self._adversary_energies()[0]
-        adv_weight = preset.adversarial_weight if self.delta is not None else 0.0
-        labelled = 1 + adversaries
+        if self.found is not None:
+            self._found_energy = base_energy(self.found_offsets, self.stack.gram)
+        found = 0 if self.found is None else self.found.shape[0]
+        adv_weight = preset.adversarial_weight if adversaries + found else 0.0
+        labelled = 1 + adversaries + found
         with _threads(self._phase_threads(ERASE_THREADS_CPU)):
             for step, (template, batch) in enumerate(self._batches(iters, labelled)):
                 lr = _cosine_lr(base_lr, step, iters, plan.warmup_steps)
@@ -615,8 +654,9 @@ class ConceptRun:
                     group["lr"] = lr
                 losses = self._erase_step_losses(leaves, template, batch, labelled)
                 total = losses["erase"] + preset.anchor_weight * losses["anchor"]
-                if "adv" in losses:
-                    total = total + adv_weight * losses["adv"]
+                for key in ("adv", "found"):
+                    if key in losses:
+                        total = total + adv_weight * losses[key]
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()
@@ -634,8 +674,11 @@ class ConceptRun:
         """
         shape = (labelled + 1 + self.plan.preset.anchor_samples, *self.target.shape[1:])
         buffers = [torch.empty(shape, device=self.device) for _ in range(2)]
+        adversaries = 0 if self.delta is None else self.delta.shape[0]
         for buffer in buffers:
             buffer[labelled].copy_(self.empty)
+            if self.found is not None:
+                buffer[1 + adversaries : labelled].copy_(self.found)
         noises = [torch.empty_like(buffer[labelled + 1 :]) for buffer in buffers]
 
         def fill(step: int) -> int:
@@ -643,7 +686,7 @@ class ConceptRun:
             template = self._draw_target()
             batch[0].copy_(self.target[template])
             if self.delta is not None:
-                torch.add(self.target[template], self.delta, out=batch[1:labelled])
+                torch.add(self.target[template], self.delta, out=batch[1 : 1 + adversaries])
             self._sample_anchors(batch[labelled + 1 :], noise)
             return template
 
@@ -723,6 +766,9 @@ class ConceptRun:
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.params.items()}
         if self.delta is not None:
             tensors["delta"] = self.delta.cpu().contiguous()
+        if self.found is not None:
+            tensors["found"] = self.found.cpu().contiguous()
+            tensors["found_offsets"] = self.found_offsets.cpu().contiguous()
         tensors["rng_state"] = self.generator.get_state().cpu()
         return tensors
 
@@ -732,6 +778,8 @@ class ConceptRun:
                 raise CPEAdapterError(f"Checkpoint tensor {key!r} has shape {list(tensors[key].shape)}; it is corrupt.")
             self.params[key] = _fresh(tensors[key], self.device)
         self.delta = _fresh(tensors["delta"], self.device) if "delta" in tensors else None
+        self.found = _fresh(tensors["found"], self.device) if "found" in tensors else None
+        self.found_offsets = _fresh(tensors["found_offsets"], self.device) if "found_offsets" in tensors else None
         self.generator.set_state(tensors["rng_state"])
         self.history = list(history)
         self.next_stage = next_stage
@@ -897,6 +945,8 @@ def train_one(
             finally:
                 if bar is not None:
                     bar.close()
+            if "attack_iters" in record and plan.preset.prompt_searches > 0:
+                record["found_prompts"] = search_prompts(context.pipe, run, data, spec.name, stage, own_seed)
             done = stage + 1 == plan.stages
             result = run.result(own_seed) if done else None
             if checkpoint is not None:
@@ -913,6 +963,47 @@ def train_one(
     result = result if result is not None else run.result(own_seed)
     result.variants = list(widened.variants)
     return result
+
+
+def search_prompts(
+    pipe: Any, run: ConceptRun, data: PromptSet, concept: str, stage: int, seed: int
+) -> list[dict[str, Any]]:
+    """The discrete adversaries of one stage (``prompt_searches``): greedy token searches, each from
+    one training prompt of the concept (different rows each stage), for a real prompt whose erased
+    K/V come closest to that prompt's original K/V. Prompts that beat their start join the run's
+    adversarial rows (:meth:`ConceptRun.add_found`); returns them with their template index.
+    """
+    from .attacks import coordinate_search
+    from .training_data import encode_prompts, tokenizers_of
+
+    preset = run.plan.preset
+    tokenizer = tokenizers_of(pipe)[0]
+    count = len(data.templates)
+    rows = [(stage * preset.prompt_searches + i) % count for i in range(min(preset.prompt_searches, count))]
+    found, found_rows = [], []
+    for i, row in enumerate(rows):
+        start = data.templates[row].replace("{}", concept)
+
+        def score(texts: list[str], row: int = row) -> torch.Tensor:
+            embeds = encode_prompts(pipe, texts, cache=False).to(run.device, torch.float32)
+            return run.attack_objective(embeds, row).cpu()
+
+        with torch.no_grad():
+            start_score = float(run.attack_objective(run.target[row : row + 1], row)[0])
+            best, best_score, _, _ = coordinate_search(
+                tokenizer,
+                start,
+                score,
+                budget=preset.prompt_search_budget,
+                seed=concept_seed(seed, stage, f"search-{i}"),
+                start_score=start_score,
+            )
+        if best_score < start_score:
+            found.append(best)
+            found_rows.append(row)
+    if found:
+        run.add_found(encode_prompts(pipe, found, cache=False), found_rows)
+    return [{"prompt": prompt, "template": row} for prompt, row in zip(found, found_rows, strict=True)]
 
 
 def _progress_bar(enabled: bool, total: int, desc: str):

@@ -128,13 +128,16 @@ def clear_embedding_cache() -> None:
     _cache.clear()
 
 
-def encode_prompts(pipe: Any, prompts: Sequence[str], *, batch_size: int = ENCODE_BATCH) -> torch.Tensor:
+def encode_prompts(
+    pipe: Any, prompts: Sequence[str], *, batch_size: int = ENCODE_BATCH, cache: bool = True
+) -> torch.Tensor:
     """``[n, T, d]`` text embeddings of ``prompts``, as the pipeline's ``encode_prompt`` makes them.
 
     For SD 1.x/2.x this is the text encoder's last hidden state; for SDXL the concatenated
     penultimate states of both encoders, exactly what generation feeds the UNet. Encoded without
     gradients in batches of ``batch_size``; kept in fp32, or fp16 on the CPU when the result
-    would exceed ``HALF_PRECISION_BYTES``.
+    would exceed ``HALF_PRECISION_BYTES``. ``cache=False`` bypasses the in-process cache (for
+    one-off lists such as search candidates).
     """
     prompts = list(prompts)
     if not prompts:
@@ -157,6 +160,8 @@ def encode_prompts(pipe: Any, prompts: Sequence[str], *, batch_size: int = ENCOD
                 parts.append(embeds.half() if half else embeds)
         return torch.cat(parts)
 
+    if not cache:
+        return compute()
     return _cached(pipe, ("encode", tuple(prompts), batch_size), compute)
 
 

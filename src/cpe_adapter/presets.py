@@ -64,7 +64,7 @@ class Preset:
     adversarial_weight: float = 1.0
     alpha: float = 1.0
     similar_anchors: int = 50
-    anchor_templates: int | None = 10
+    anchor_templates: int | None = 8
     prompt_searches: int = 0
     prompt_search_budget: int = 64
 

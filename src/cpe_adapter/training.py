@@ -173,9 +173,11 @@ def codes_from_projection(
     formed, and since ``proj`` is linear in ``E``, sums of embeddings (mixup, ``E_t + Delta``) can be
     projected piece by piece.
     """
-    queries = proj[..., :rank]
-    keys = queries if tied else proj[..., rank : 2 * rank]
-    rest = proj[..., (1 if tied else 2) * rank :]
+    if tied:
+        queries, rest = proj.split([rank, proj.shape[-1] - rank], dim=-1)
+        keys = queries
+    else:
+        queries, keys, rest = proj.split([rank, rank, proj.shape[-1] - 2 * rank], dim=-1)
     mixing = torch.softmax(queries @ keys.transpose(-1, -2), dim=-1)
     mixed = mixing @ rest
     gates = torch.sigmoid(mixed[..., 0])

@@ -28,6 +28,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from conftest import random_adapter
+from cpe_adapter import CPEAdapter
 from cpe_adapter.layer import CPELinear
 from cpe_adapter.runtime import get_runtime
 from cpe_adapter.testing import tiny_pipeline
@@ -395,6 +396,13 @@ def test_sequential_cpu_offload_keeps_the_erasure(offload_first: bool) -> None:
     assert np.array_equal(generate(offloaded), erased)
     offloaded.unload_cpe_adapter()
     assert np.array_equal(generate(offloaded), bare)
+
+
+def test_an_adapter_sized_on_an_offloaded_pipeline_lives_on_the_cpu() -> None:
+    offloaded = tiny_pipeline("sd")
+    sequential_cpu_offload(offloaded)
+    adapter = CPEAdapter.for_pipeline(offloaded, "Van Gogh")
+    assert {p.device.type for p in adapter.parameters()} == {"cpu"}
 
 
 def test_enable_sequential_cpu_offload_itself() -> None:

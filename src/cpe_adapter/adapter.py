@@ -242,8 +242,9 @@ class CPEAdapter(nn.Module):
         overrides.setdefault("base_model", model_id)
         overrides.setdefault("base_model_revision", revision)
         adapter = cls.for_layers(find_target_layers(denoiser), concepts, preset, **overrides)
-        param = next(denoiser.parameters())
-        return adapter.to(param.device)
+        # Under sequential CPU offload the weights wait on "meta" between forwards: stay on the CPU.
+        device = next((p.device for p in denoiser.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        return adapter.to(device)
 
     @classmethod
     def concatenate(cls, adapters: Sequence[CPEAdapter], name: str | None = None) -> CPEAdapter:

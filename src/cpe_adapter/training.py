@@ -237,11 +237,11 @@ ANCHOR_NOISE = 1e-3  # mixup-anchor noise: per-element std = ANCHOR_NOISE * toke
 DELTA_INIT = 1e-3  # initial adversary, relative to the target embeddings' RMS
 WEIGHT_DECAY = 0.01
 # Intra-op threads on a CPU. An erase step's products are too small to gain from a second thread,
-# which draws the next step's batch instead (:class:`_Prefetcher`); the attack's gain from two.
+# which draws the next step's batch instead (``ConceptRun._batches``); the attack's gain from two.
 ERASE_THREADS_CPU = 1
+ATTACK_THREADS_CPU = 2
 # Prompts found by the discrete searches that stay adversarial rows (the latest ones).
 MAX_FOUND_PROMPTS = 16
-ATTACK_THREADS_CPU = 2
 EVAL_TEMPLATES = 8
 EVAL_ANCHORS = 32
 CHECKPOINT_STATE = "trainer_state.json"

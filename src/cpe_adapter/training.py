@@ -933,17 +933,8 @@ def train_one(
         for stage in range(run.next_stage, plan.stages):
             total = plan.erase_iters[stage] + (plan.attack_iters if stage + 1 < plan.stages else 0)
             bar = _progress_bar(progress, total, f"{spec.name} stage {stage + 1}/{plan.stages}")
-
-            def report(phase: str, step: int, iters: int, logs: dict[str, Any], stage: int = stage, bar=bar) -> None:
-                if bar is not None:
-                    bar.update(min(plan.log_every, step - (step - 1) // plan.log_every * plan.log_every))
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k != "lr"}, refresh=False)
-                if callback is not None:
-                    full = {"concept": spec.name, "concept_index": index, "phase": phase, "iters": iters, **logs}
-                    callback(stage, step, full)
-
             try:
-                record = run.run_stage(stage, report)
+                record = run.run_stage(stage, _reporter(bar, plan, spec.name, index, stage, callback))
             finally:
                 if bar is not None:
                     bar.close()
@@ -1006,6 +997,21 @@ def search_prompts(
     if found:
         run.add_found(encode_prompts(pipe, found, cache=False), found_rows)
     return [{"prompt": prompt, "template": row} for prompt, row in zip(found, found_rows, strict=True)]
+
+
+def _reporter(
+    bar: Any, plan: TrainingPlan, concept: str, index: int, stage: int, callback: Callback | None
+) -> Callable[[str, int, int, dict[str, Any]], None]:
+    """The ``report(phase, step, iters, logs)`` of one stage: advances ``bar`` and calls ``callback``."""
+
+    def report(phase: str, step: int, iters: int, logs: dict[str, Any]) -> None:
+        if bar is not None:
+            bar.update(min(plan.log_every, step - (step - 1) // plan.log_every * plan.log_every))
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k != "lr"}, refresh=False)
+        if callback is not None:
+            callback(stage, step, {"concept": concept, "concept_index": index, "phase": phase, "iters": iters, **logs})
+
+    return report
 
 
 def _progress_bar(enabled: bool, total: int, desc: str):

@@ -1,8 +1,9 @@
 """Erasure-quality figures on the semantic testbed (``tiny_pipeline("sd-semantic")``).
 
 Trains one painter eraser (styles preset) and one public-figure eraser (names preset) with the
-default presets, with and without the adversarial stages (``stages=1``), and evaluates each with
-:func:`cpe_adapter.evaluation.evaluate`:
+default presets, and without the adversarial stages two ways (``adversaries=0``: the same stage
+schedule without the attack phases; ``stages=1``: stage 0 alone), and evaluates each with
+:func:`cpe_adapter.evaluation.evaluate` (``--attack-prompts`` held-out prompts attacked per concept):
 
 - erased: the concept on the held-out templates, plus two paraphrases;
 - retained "neighbours": the 5 pool concepts most similar to it (the training's own similarity);
@@ -35,7 +36,11 @@ CASES = [
     ("Van Gogh", "styles", ["Vincent van Gogh", "Gogh"]),
     ("Tom Hanks", "names", ["Thomas Hanks", "Hanks"]),
 ]
-VARIANTS = {"adversarial (default)": {}, "no adversary (stages=1)": {"stages": 1}}
+VARIANTS = {
+    "adversarial (default)": {},
+    "no adversary, same schedule (adversaries=0)": {"adversaries": 0},
+    "no adversary (stages=1)": {"stages": 1},
+}
 UNRELATED = [
     "a red car parked on a quiet street",
     "a bowl of fruit on a wooden table",
@@ -107,6 +112,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     image_prompts=args.image_prompts,
                     image_steps=args.image_steps,
                     attack_budget=args.attack_budget,
+                    attack_prompts=args.attack_prompts,
                     seed=0,
                 )
                 unrelated = evaluate(
@@ -170,7 +176,8 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         cells = [_check(key, row[key]) for key, _ in COLUMNS]
         lines.append(f"| {row['concept']} ({row['preset']}) | {row['variant']} | " + " | ".join(cells) + " |")
     lines += ["", "✗ = misses the issue's floor: " + ", ".join(f"{k} {op} {v}" for k, (op, v) in FLOORS.items())]
-    lines += ["", "Neighbours: " + "; ".join(f"{r['concept']}: {', '.join(r['neighbours'])}" for r in rows[::2])]
+    per_concept = {r["concept"]: r for r in rows}.values()
+    lines += ["", "Neighbours: " + "; ".join(f"{r['concept']}: {', '.join(r['neighbours'])}" for r in per_concept)]
     lines += ["", "Best attack prompts: " + "; ".join(f"{r['concept']} / {r['variant']}: `{r['attack_best_prompt']}`"
                                                    for r in rows)]  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -188,6 +195,7 @@ def main() -> None:
         help="train with N anchors (N/2 general words + N/2 most similar concepts) instead of the preset's ~100",
     )
     parser.add_argument("--attack-budget", type=int, default=256)
+    parser.add_argument("--attack-prompts", type=int, default=1, help="held-out prompts attacked per concept")
     parser.add_argument("--image-prompts", type=int, default=2)
     parser.add_argument("--image-steps", type=int, default=4)
     args = parser.parse_args()
@@ -195,7 +203,14 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    defaults = {"steps": None, "anchors": 0, "attack_budget": 256, "image_prompts": 2, "image_steps": 4}
+    defaults = {
+        "steps": None,
+        "anchors": 0,
+        "attack_budget": 256,
+        "attack_prompts": 1,
+        "image_prompts": 2,
+        "image_steps": 4,
+    }
     command = "python benchmarks/eval_quality.py" + "".join(
         f" --{key.replace('_', '-')} {getattr(args, key)}"
         for key, value in defaults.items()

@@ -97,5 +97,21 @@ def test_two_processes_give_the_single_process_adapter(tmp_path: Path):
     assert not torch.equal(one["gate.v"][0], one["gate.v"][1])
 
 
+def test_a_result_sent_between_processes_keeps_every_field():
+    import torch
+
+    from cpe_adapter.config import ConceptSpec
+    from cpe_adapter.distributed import _pack, _unpack
+    from cpe_adapter.training import ConceptResult
+
+    tensors = {"gate_a": torch.arange(6.0).view(1, 2, 3)}
+    sent = ConceptResult(ConceptSpec("Van Gogh", "a photo", 0.5), 7, tensors, [{"stage": 0}], {"erase": 0.1}, ["Gogh"])
+    index, received = _unpack(_pack(3, sent))
+    assert index == 3
+    assert (received.spec, received.seed, received.history) == (sent.spec, sent.seed, sent.history)
+    assert (received.final_loss, received.variants) == (sent.final_loss, sent.variants)
+    assert torch.equal(received.tensors["gate_a"], tensors["gate_a"])
+
+
 if __name__ == "__main__":
     _train(sys.argv[1])

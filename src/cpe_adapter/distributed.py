@@ -46,6 +46,7 @@ def _pack(index: int, result: ConceptResult) -> tuple[int, bytes, str]:
         "seed": result.seed,
         "history": result.history,
         "final_loss": result.final_loss,
+        "variants": result.variants,
     }
     return index, save({k: v.contiguous() for k, v in result.tensors.items()}), json.dumps(meta)
 
@@ -54,7 +55,8 @@ def _unpack(packed: tuple[int, bytes, str]) -> tuple[int, ConceptResult]:
     index, blob, text = packed
     meta = json.loads(text)
     spec = ConceptSpec.from_dict(meta["spec"])
-    return index, ConceptResult(spec, int(meta["seed"]), load(blob), meta["history"], meta["final_loss"])
+    variants = list(meta.get("variants", []))
+    return index, ConceptResult(spec, int(meta["seed"]), load(blob), meta["history"], meta["final_loss"], variants)
 
 
 def train_many(

@@ -1150,13 +1150,14 @@ def train_cpe(
         checkpoint_dir: write a checkpoint at the end of every stage here.
         resume_from: continue the run checkpointed in this folder; the result equals an
             uninterrupted run's bit for bit (same device).
-        recipe: how the erase target set is built (:mod:`cpe_adapter.recipes`): ``"paper"`` trains on
-            the concept string alone, exactly METHOD.md §4; ``"augmented"`` also erases variants
-            generated from the concept (sub-spans, spellings, nearest vocabulary tokens) and points
-            of its embedding region, so paraphrases are erased too. ``None``: the default recipe.
-        **overrides: any preset hyper-parameter (``eta``, ``neutral``, ``anchor_weight``, ``lr``, ...)
-            and ``tie_gate_qk``, ``name`` (adapter name), ``warmup_steps``, ``templates``,
-            ``log_every``, ``num_threads``.
+        recipe: how the erase target set is built (:mod:`cpe_adapter.recipes`): ``"paper"`` (the
+            default, also for ``None``) trains on the concept string alone, exactly METHOD.md §4;
+            ``"spans"``, ``"region"``, ``"typos"`` and ``"nearest"`` also erase variants generated
+            from the concept (sub-spans, spellings, nearest vocabulary tokens, points of its
+            embedding region); none of them beat ``"paper"`` on held-out paraphrases (docs).
+        **overrides: any preset hyper-parameter (``eta``, ``neutral``, ``anchor_weight``, ``lr``,
+            ``anchor_templates``, ``prompt_searches``, ...) and ``tie_gate_qk``, ``name`` (adapter
+            name), ``warmup_steps``, ``templates``, ``log_every``, ``num_threads``.
 
     Returns:
         A :class:`CPEAdapter` whose config records preset, hyper-parameters, base model, seed and

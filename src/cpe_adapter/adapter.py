@@ -235,16 +235,14 @@ class CPEAdapter(nn.Module):
         cls, pipe: Any, concepts: str | Sequence[str | ConceptSpec], preset: str = "names", **overrides: Any
     ) -> CPEAdapter:
         """A fresh, untrained adapter sized for ``pipe``'s cross-attention projections."""
-        from .runtime import denoiser_of, find_target_layers
+        from .runtime import adapter_placement, denoiser_of, find_target_layers
 
         denoiser = denoiser_of(pipe)
         model_id, revision = base_model_info(pipe, denoiser)
         overrides.setdefault("base_model", model_id)
         overrides.setdefault("base_model_revision", revision)
         adapter = cls.for_layers(find_target_layers(denoiser), concepts, preset, **overrides)
-        # Under sequential CPU offload the weights wait on "meta" between forwards: stay on the CPU.
-        device = next((p.device for p in denoiser.parameters() if p.device.type != "meta"), torch.device("cpu"))
-        return adapter.to(device)
+        return adapter.to(adapter_placement(denoiser)[0])
 
     @classmethod
     def concatenate(cls, adapters: Sequence[CPEAdapter], name: str | None = None) -> CPEAdapter:

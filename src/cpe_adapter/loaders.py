@@ -17,14 +17,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .adapter import CPEAdapter
 from .config import CPEConfig
 from .errors import CPEAdapterError
 from .hub import load_adapter, push_adapter
-from .runtime import CPERuntime, denoiser_of, get_runtime, remove_runtime
+from .runtime import CPERuntime, adapter_placement, denoiser_of, get_runtime, remove_runtime
 
 
 def _runtime(pipe: Any) -> CPERuntime:
@@ -62,20 +61,6 @@ def _remember_pipeline(pipe: Any, denoiser: nn.Module) -> None:
         pipelines = denoiser.__dict__[PIPELINES_ATTR] = weakref.WeakSet()
     with contextlib.suppress(TypeError):  # an object without weak references: only ``pipe`` itself is synced
         pipelines.add(pipe)
-
-
-def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype an adapter for ``module`` should live on.
-
-    Under accelerate's sequential CPU offload the module's parameters sit on the ``meta`` device
-    between forwards; the adapter then stays on the CPU and follows the loaded weights to the
-    execution device at the first forward (``CPERuntime.residual``).
-    """
-    reference = next(module.parameters())
-    device = reference.device
-    if device.type == "meta":
-        device = next((p.device for p in module.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    return device, reference.dtype
 
 
 def _sync_companions(pipe: Any, runtime: CPERuntime | None) -> None:
@@ -118,7 +103,7 @@ def _sync_companions(pipe: Any, runtime: CPERuntime | None) -> None:
         controlnet = companion.denoiser_ref()
         for name in [n for n in companion.adapters if companion.adapters[n] is not _source(runtime, n, companion)]:
             del companion.adapters[name]
-        device, dtype = _placement(controlnet)
+        device, dtype = adapter_placement(controlnet)
         for name, adapter in runtime.adapters.items():
             if name not in companion.adapters:
                 restricted = adapter.restricted_to(companion.layers)
@@ -258,7 +243,7 @@ def load_cpe_adapter(
     else:
         name = _unique(_default_name(pretrained_model_name_or_path_or_dict, adapter.config), runtime.adapters)
     adapter = runtime.in_layer_order(adapter)
-    device, dtype = _placement(denoiser)
+    device, dtype = adapter_placement(denoiser)
     if any(p.device != device or p.dtype != dtype for p in adapter.parameters()):
         # Convert a copy: an adapter object the caller passed (perhaps loaded into another pipeline
         # too) must keep its own device and precision.

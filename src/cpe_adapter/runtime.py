@@ -745,6 +745,20 @@ def _carry_offload_hook(source: nn.Module, target: nn.Module) -> None:
         h.original_devices = original
 
 
+def adapter_placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype an adapter for ``module`` should live on.
+
+    Under accelerate's sequential CPU offload the module's parameters sit on the ``meta`` device
+    between forwards; the adapter then stays on the CPU and follows the loaded weights to the
+    execution device at the first forward (``CPERuntime.residual``).
+    """
+    reference = next(module.parameters())
+    device = reference.device
+    if device.type == "meta":
+        device = next((p.device for p in module.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    return device, reference.dtype
+
+
 def get_runtime(denoiser: nn.Module, create: bool = False) -> CPERuntime | None:
     """The runtime attached to ``denoiser`` (created on demand)."""
     runtime = denoiser.__dict__.get(RUNTIME_ATTR)

@@ -568,11 +568,11 @@ class ConceptRun:
         cross = 2.0 * (codes[:labelled] * offsets_m).sum((-1, -2)) / self.tokens
         errors = torch.cat(rows_base) + cross + energy[:labelled]
         losses = {"erase": errors[0], "anchor": energy[labelled:].mean()}
-        adversaries = 1 + (0 if self.delta is None else self.delta.shape[0])
-        if adversaries > 1:
-            losses["adv"] = errors[1:adversaries].mean()
+        first_found = 1 + (0 if self.delta is None else self.delta.shape[0])
+        if first_found > 1:
+            losses["adv"] = errors[1:first_found].mean()
         if self.found is not None:
-            losses["found"] = errors[adversaries:].mean()
+            losses["found"] = errors[first_found:].mean()
         return losses
 
     @torch.no_grad()
@@ -981,16 +981,15 @@ def search_prompts(
             embeds = encode_prompts(pipe, texts, cache=False).to(run.device, torch.float32)
             return run.attack_objective(embeds, row).cpu()
 
-        with torch.no_grad():
-            start_score = float(run.attack_objective(run.target[row : row + 1], row)[0])
-            best, best_score, _, _ = coordinate_search(
-                tokenizer,
-                start,
-                score,
-                budget=preset.prompt_search_budget,
-                seed=concept_seed(seed, stage, f"search-{i}"),
-                start_score=start_score,
-            )
+        start_score = float(run.attack_objective(run.target[row : row + 1], row)[0])
+        best, best_score, _, _ = coordinate_search(
+            tokenizer,
+            start,
+            score,
+            budget=preset.prompt_search_budget,
+            seed=concept_seed(seed, stage, f"search-{i}"),
+            start_score=start_score,
+        )
         if best_score < start_score:
             found.append(best)
             found_rows.append(row)

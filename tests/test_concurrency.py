@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from typing import Any
 
@@ -28,7 +29,10 @@ def shared() -> tuple[Any, Any]:
     pipe = tiny_pipeline("sd")
     pipe.load_cpe_adapter(random_adapter(pipe, "Van Gogh", seed=1), adapter_name="a")
     pipe.load_cpe_adapter(random_adapter(pipe, "Taylor Swift", seed=2), adapter_name="b")
-    other = StableDiffusionPipeline.from_pipe(pipe)
+    # The Hugging Face tokenizer keeps its padding/truncation settings on the object, so two threads
+    # tokenizing with one tokenizer can get each other's padding (diffusers asks "longest" for its
+    # truncation warning, "max_length" for the prompt). Each thread's pipeline gets its own.
+    other = StableDiffusionPipeline.from_pipe(pipe, tokenizer=copy.deepcopy(pipe.tokenizer))
     other.set_progress_bar_config(disable=True)
     assert other.unet is pipe.unet
     return pipe, other

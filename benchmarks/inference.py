@@ -19,6 +19,7 @@ peft besides this checkout (``src/`` is put on the path).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -34,11 +35,14 @@ import diffusers
 import torch
 
 import cpe_adapter  # noqa: F401  (installs the pipeline methods)
-from cpe_adapter import CPEAdapter, gate
+from cpe_adapter import CPEAdapter, gate, routing
 from cpe_adapter.runtime import denoiser_of, find_target_layers, get_runtime
 from cpe_adapter.testing import sd15_random_pipeline, sd15_unet, tiny_pipeline
 
 PROMPT = "a portrait of a famous painter in a garden, oil painting"
+# Every call gets a prompt of its own (as a server does), so no variant is served a prompt's routing
+# from memory; only the negative prompt ("") recurs, as it does in practice.
+CALLS = itertools.count()
 
 
 # ------------------------------------------------------------------------------------ models
@@ -110,12 +114,32 @@ def lora_variant(pipe, dtype: torch.dtype) -> Variant:
     return Variant("lora r=1 (PEFT)", setup, teardown)
 
 
-def build_variants(pipe, concepts: list[int], stacked: int, dtype, device, lora: bool) -> list[Variant]:
+def without_route_memo(variant: Variant) -> Variant:
+    """``variant`` with :class:`~cpe_adapter.routing.RouteMemo` off: every call routes every row."""
+    capacity = routing.ROUTE_MEMO_ROWS
+
+    def setup() -> None:
+        routing.ROUTE_MEMO_ROWS = 0
+        variant.setup()
+
+    def teardown() -> None:
+        variant.teardown()
+        routing.ROUTE_MEMO_ROWS = capacity
+
+    return Variant(f"{variant.name}, routing memo off", setup, teardown, variant.adapter_bytes)
+
+
+def build_variants(
+    pipe, concepts: list[int], stacked: int, dtype, device, lora: bool, memo_off: bool = False
+) -> list[Variant]:
     layers = find_target_layers(denoiser_of(pipe))
     variants = [Variant("base", lambda: None, lambda: None)]
     for count in concepts:
         adapter = random_adapter(layers, count, count, dtype, device)
         variants.append(cpe_variant(pipe, f"cpe {count} concept{'s' * (count > 1)}", [adapter]))
+    if memo_off and concepts:
+        largest = random_adapter(layers, max(concepts), max(concepts), dtype, device)
+        variants.append(without_route_memo(cpe_variant(pipe, f"cpe {max(concepts)} concepts off", [largest])))
     if stacked:
         adapters = [random_adapter(layers, 1, 1000 + i, dtype, device) for i in range(stacked)]
         variants.append(cpe_variant(pipe, f"cpe {stacked} stacked adapters", adapters))
@@ -130,11 +154,11 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_call(pipe, variant: Variant, args: argparse.Namespace, size: int) -> float:
+def timed_call(pipe, variant: Variant, args: argparse.Namespace, size: int, watched: bool = True) -> float:
     def watch(pipeline, step, timestep, kwargs):
         runtime = get_runtime(denoiser_of(pipeline))
-        if runtime is not None:
-            variant.cache_bytes = max(variant.cache_bytes, runtime.cached_bytes())
+        if runtime is not None and watched:
+            variant.cache_bytes = max(variant.cache_bytes, runtime.cached_bytes() + runtime.route_memo_bytes())
         return {}
 
     if args.device.startswith("cuda"):
@@ -143,7 +167,7 @@ def timed_call(pipe, variant: Variant, args: argparse.Namespace, size: int) -> f
     start = time.perf_counter()
     with torch.no_grad():
         pipe(
-            [PROMPT] * args.batch,
+            [f"{PROMPT}, study {next(CALLS)}"] * args.batch,
             height=size,
             width=size,
             num_inference_steps=args.steps,
@@ -166,6 +190,8 @@ def run_interleaved(pipe, variants: list[Variant], args: argparse.Namespace, siz
         for variant in order:
             variant.setup()
             try:
+                if not args.cold:  # a server already serving: the negative prompt's routing is remembered
+                    timed_call(pipe, variant, args, size, watched=False)
                 elapsed = timed_call(pipe, variant, args, size)
             finally:
                 variant.teardown()
@@ -335,6 +361,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="write all figures here")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 2 reps, up to 100 concepts")
     parser.add_argument("--routing", action="store_true", help="per-prompt routing micro-benchmark (SD 1.5 dims)")
+    parser.add_argument(
+        "--cold", action="store_true", help="time the first call after loading (default: after one untimed call)"
+    )
+    parser.add_argument("--memo-off", action="store_true", help="also time the most concepts with the routing memo off")
     parser.add_argument("--no-files", action="store_true", help="skip the adapter file size / load time section")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -353,7 +383,9 @@ def run_model(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     pipe = pipe.to(args.device, dtype)
     size = 64 if model == "tiny" else args.size
     concepts = [int(c) for c in args.concepts.split(",") if c]
-    variants = build_variants(pipe, concepts, args.stacked, dtype, args.device, lora=not args.no_lora)
+    variants = build_variants(
+        pipe, concepts, args.stacked, dtype, args.device, lora=not args.no_lora, memo_off=args.memo_off
+    )
     setting = f"{args.device} {args.dtype}, {size} px, {args.steps} steps, batch {args.batch} (+CFG)"
     run_interleaved(pipe, variants, args, size)
     results = [report(f"{model}, eager, {setting}", pipe, variants, args)]

@@ -42,8 +42,8 @@ from torch import nn
 from .adapter import CPEAdapter
 from .config import CPEConfig, TargetLayer
 from .errors import CPEAdapterError, ErasureIntegrityError, IncompatibleAdapterError
-from .gate import best_concepts, routed_residual
 from .layer import CPELinear, is_compiling
+from .routing import RouteMemo, route_row, row_residual
 
 RUNTIME_ATTR = "_cpe_runtime"
 # Live prompt embeddings whose projections are kept; an entry also goes when its tensor is freed.
@@ -215,6 +215,7 @@ class CPERuntime:
         self._watched: list[torch.Tensor] = []
         self._param_versions: tuple = ()
         self._cache: OrderedDict[int, _PromptEntry] = OrderedDict()
+        self._route_memo = RouteMemo()
         self._lock = threading.RLock()
         self._hooks: list[Any] = []
         self._wrappers: list[CPELinear] = []
@@ -287,6 +288,7 @@ class CPERuntime:
         with self._lock:
             self.generation += 1
             self._cache.clear()
+            self._route_memo.clear()
             self._state = self._snapshot()
             self._watched = [p for adapter in self.adapters.values() for p in adapter.parameters()]
             self._param_versions = tuple(_version_of(p) for p in self._watched)
@@ -485,14 +487,15 @@ class CPERuntime:
         if ref.device != like.device or ref.dtype != like.dtype:
             adapter.to(device=like.device, dtype=like.dtype)
 
-    def residual(self, embeds: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+    def residual(self, embeds: torch.Tensor, like: torch.Tensor, remember: bool = False) -> torch.Tensor | None:
         """Routed residual of every layer for ``embeds`` ``[B, T, d]``: ``[B, T, sum(d_out)]``.
 
         Per token, the concept with the largest gate over all participating adapters wins
-        (METHOD.md §3); only its residual is applied, times its adapter's scale. Routing streams
-        over concepts (:func:`~cpe_adapter.gate.best_concepts`), the residual of all layers is
-        built per adapter from each token's own ``D`` and ``U``
-        (:func:`~cpe_adapter.gate.routed_residual`); nothing waits on the device.
+        (METHOD.md §3); only its residual is applied, times its adapter's scale
+        (:mod:`~cpe_adapter.routing`). Each row is routed on its own; with ``remember`` (callers
+        that may cache, so nothing needs autograd) the routing of recurring rows, such as the
+        negative prompt of every call, comes from the :class:`~cpe_adapter.routing.RouteMemo`.
+        Nothing waits on the device except the memo's one row comparison.
         """
         participants = self.participants()
         if not participants:
@@ -503,38 +506,13 @@ class CPERuntime:
         squeeze = embeds.dim() == 2
         if squeeze:
             embeds = embeds.unsqueeze(0)
-        batch, tokens, dim = embeds.shape
-        best_gate = best_index = mixed = owner = None
-        for position, (_, adapter, _) in enumerate(participants):
-            key = None if adapter.config.tie_gate_qk else adapter.gate_b
-            gate, index, rows = best_concepts(embeds, adapter.gate_a, key, adapter.gate_v)
-            if best_gate is None:
-                best_gate, best_index, mixed = gate, index, rows
-                owner = torch.zeros_like(index)
-                continue
-            better = gate > best_gate  # strict: the adapter first by name keeps a tie
-            best_gate = torch.where(better, gate, best_gate)
-            best_index = torch.where(better, index, best_index)
-            mixed = torch.where(better.unsqueeze(-1), rows, mixed)
-            owner = torch.where(better, position, owner)
-        flat_index = best_index.reshape(-1)
+        if remember:
+            state = (self.generation, tuple((n, id(a)) for n, a, _ in participants), like.dtype, like.device)
+            routes = self._route_memo.routes(embeds, participants, state)
+        else:
+            routes = [route_row(row, participants) for row in embeds.split(1)]
         layer_sizes = [t.out_features for t in self.layers]
-        residual = None
-        for position, (_, adapter, scale) in enumerate(participants):
-            weight = best_gate * (scale * adapter.residual_scale)
-            if len(participants) > 1:
-                weight = weight * (owner == position).to(weight.dtype)
-            hidden = (weight.unsqueeze(-1) * mixed).reshape(-1, dim)
-            part = routed_residual(
-                hidden,
-                flat_index.clamp(max=adapter.num_concepts - 1),
-                adapter.down,
-                adapter.up,
-                layer_sizes,
-                adapter.config.residual_rank,
-            )
-            residual = part if residual is None else residual + part
-        residual = residual.reshape(batch, tokens, -1)
+        residual = torch.stack([row_residual(route, participants, layer_sizes) for route in routes])
         return residual.squeeze(0) if squeeze else residual
 
     def project(self, layer: CPELinear, x: torch.Tensor) -> torch.Tensor:
@@ -592,7 +570,7 @@ class CPERuntime:
     def _entry_residual(self, entry: _PromptEntry, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         residual = entry.residual
         if residual is None or residual.device != weight.device or residual.dtype != weight.dtype:
-            residual = entry.residual = self.residual(x, weight)
+            residual = entry.residual = self.residual(x, weight, remember=True)
         return residual
 
     def _compute_output(self, entry: _PromptEntry, layer: CPELinear, x: torch.Tensor) -> torch.Tensor:
@@ -653,10 +631,16 @@ class CPERuntime:
                 total += sum(out.numel() * out.element_size() for out, _ in entry.projections.values())
             return total
 
+    def route_memo_bytes(self) -> int:
+        """Bytes held by the remembered routes of recurring prompt rows (see :class:`RouteMemo`)."""
+        with self._lock:
+            return self._route_memo.nbytes()
+
     def clear_cache(self) -> None:
         """Drop every cached projection."""
         with self._lock:
             self._cache.clear()
+            self._route_memo.clear()
             for wrapper in self._wrappers:
                 wrapper.__dict__["cpe_prepared"] = None
 

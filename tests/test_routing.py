@@ -1,0 +1,112 @@
+"""Routing memo: a recurring prompt row (the negative prompt) is routed once, never served stale."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import cpe_adapter  # noqa: F401  (installs the pipeline methods)
+from conftest import random_adapter
+from cpe_adapter import routing
+from cpe_adapter.runtime import denoiser_of, get_runtime, no_cache
+from cpe_adapter.testing import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Any:
+    pipe = tiny_pipeline("sd")
+    pipe.load_cpe_adapter(random_adapter(pipe, ["Van Gogh", "Monet", "Tom Hanks"], seed=3), adapter_name="many")
+    pipe.load_cpe_adapter(random_adapter(pipe, "Taylor Swift", seed=4), adapter_name="one")
+    return pipe
+
+
+@pytest.fixture
+def routed_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the rows :func:`routing.route_row` routes (the memo looks it up at call time)."""
+    calls: list[int] = []
+    original = routing.route_row
+
+    def counting(row: torch.Tensor, participants: Any) -> routing.Route:
+        calls.append(row.shape[0])
+        return original(row, participants)
+
+    monkeypatch.setattr(routing, "route_row", counting)
+    return calls
+
+
+def generate(pipe: Any, prompt: str, per_prompt: int = 1) -> torch.Tensor:
+    return pipe(
+        prompt,
+        num_inference_steps=2,
+        num_images_per_prompt=per_prompt,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    ).images
+
+
+def test_negative_prompt_is_routed_once_across_calls(pipe: Any, routed_rows: list[int]) -> None:
+    get_runtime(denoiser_of(pipe)).clear_cache()
+    first = generate(pipe, "a painting by Van Gogh")
+    assert len(routed_rows) == 2, "a fresh memo routes the prompt and the negative prompt"
+    generate(pipe, "a photo of Tom Hanks")
+    assert len(routed_rows) == 3, "only the new prompt is routed; the negative prompt is remembered"
+    again = generate(pipe, "a painting by Van Gogh")
+    assert len(routed_rows) == 3, "both rows of a repeated prompt come from the memo"
+    assert torch.equal(first, again)
+
+
+def test_remembered_routes_give_bitwise_the_uncached_result(pipe: Any) -> None:
+    prompts = ["a painting by Van Gogh", "a photo of Tom Hanks", "Taylor Swift singing", "a red car"]
+    with no_cache():
+        want = [generate(pipe, prompt) for prompt in prompts]
+    get_runtime(denoiser_of(pipe)).clear_cache()
+    for _ in range(2):  # the second round serves every row from the memo
+        for prompt, expected in zip(prompts, want, strict=True):
+            assert torch.equal(generate(pipe, prompt), expected)
+
+
+def test_equal_rows_of_one_batch_are_routed_once(pipe: Any, routed_rows: list[int]) -> None:
+    get_runtime(denoiser_of(pipe)).clear_cache()
+    images = generate(pipe, "a painting by Van Gogh", per_prompt=3)
+    assert len(routed_rows) == 2, "three copies of the prompt and of the negative prompt: two distinct rows"
+    with no_cache():
+        assert torch.equal(images, generate(pipe, "a painting by Van Gogh", per_prompt=3))
+
+
+def test_memo_follows_adapter_changes(pipe: Any, routed_rows: list[int]) -> None:
+    runtime = get_runtime(denoiser_of(pipe))
+    runtime.clear_cache()
+    generate(pipe, "a painting by Van Gogh")
+    assert len(routed_rows) == 2
+    adapter = runtime.adapters["many"]
+    try:
+        with torch.no_grad():
+            adapter.gate_v.mul_(-1.0)  # edited in place: every remembered route is stale
+        edited = generate(pipe, "a painting by Van Gogh")
+        assert len(routed_rows) == 4
+        with no_cache():
+            assert torch.equal(edited, generate(pipe, "a painting by Van Gogh"))
+    finally:
+        with torch.no_grad():
+            adapter.gate_v.mul_(-1.0)
+    pipe.set_cpe_adapters(["one"])
+    try:
+        generate(pipe, "a painting by Van Gogh")
+        assert len(routed_rows) == 6, "another set of participating adapters routes afresh"
+    finally:
+        pipe.set_cpe_adapters(["many", "one"])
+
+
+def test_memo_is_bounded(pipe: Any) -> None:
+    runtime = get_runtime(denoiser_of(pipe))
+    runtime.clear_cache()
+    for index in range(routing.ROUTE_MEMO_ROWS + 4):
+        generate(pipe, f"prompt number {index}")
+    generate(pipe, "one more")
+    dim = pipe.unet.config.cross_attention_dim
+    per_row = 2 * 77 * dim * 4 + 77 * 4 + 2 * 77 * 8  # embedding and Ē (fp32), gate, concept and owner
+    assert runtime.route_memo_bytes() == routing.ROUTE_MEMO_ROWS * per_row
+    runtime.clear_cache()
+    assert runtime.route_memo_bytes() == 0

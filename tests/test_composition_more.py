@@ -517,3 +517,52 @@ def test_pipelines_from_pipe_share_the_loaded_erasure(pipe: Any) -> None:
     img2img.set_cpe_adapters(["eraser"], scales=[0.0])
     assert pipe.get_active_cpe_adapters() == ["eraser"]
     assert differs(generate(pipe), erased)
+
+
+# ---------------------------------------------------------------------------------- deep copies
+def test_deepcopy_of_an_erased_unet_is_an_independent_eraser(pipe: Any) -> None:
+    pipe.load_cpe_adapter(random_adapter(pipe), "eraser")
+    erased = generate(pipe)
+    original = get_runtime(pipe.unet)
+    unet = copy.deepcopy(pipe.unet)
+    copied = get_runtime(unet)
+    assert copied is not None and copied is not original and copied.denoiser_ref() is unet
+    assert all(m.cpe_runtime is copied for m in unet.modules() if isinstance(m, CPELinear))
+    assert copied.adapters["eraser"] is not original.adapters["eraser"]
+    twin = StableDiffusionPipeline(**{**pipe.components, "unet": unet})
+    twin.set_progress_bar_config(disable=True)
+    assert np.array_equal(generate(twin), erased), "the copy erases exactly like the original"
+
+    twin.disable_cpe_adapters()
+    assert differs(generate(twin), erased)
+    assert np.array_equal(generate(pipe), erased), "switching the copy off leaves the original erasing"
+    twin.enable_cpe_adapters()
+    with torch.no_grad():
+        copied.adapters["eraser"].up.zero_()
+    assert not np.array_equal(generate(twin), erased)
+    assert np.array_equal(generate(pipe), erased), "the copy's adapter weights are its own"
+    twin.unload_cpe_adapter()
+    assert not any(isinstance(m, CPELinear) for m in unet.modules())
+    assert np.array_equal(generate(pipe), erased)
+
+
+def test_deepcopy_of_a_controlnet_pipeline_keeps_both_erasures(pipe: Any) -> None:
+    controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32, 48, 64))
+    control_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+    control_pipe.set_progress_bar_config(disable=True)
+    control = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    bare = generate(control_pipe, image=control)
+    control_pipe.load_cpe_adapter(random_adapter(pipe), "eraser")
+    erased = generate(control_pipe, image=control)
+
+    twin = copy.deepcopy(control_pipe)
+    primary = get_runtime(twin.unet)
+    companion = get_runtime(twin.controlnet)
+    assert companion is not None and companion.primary is primary and primary.companions == [companion]
+    assert np.array_equal(generate(twin, image=control), erased)
+    twin.set_cpe_adapters(["eraser"], scales=[0.0])
+    assert np.array_equal(generate(twin, image=control), bare), "the copied ControlNet follows the copied UNet"
+    assert np.array_equal(generate(control_pipe, image=control), erased)
+    twin.unload_cpe_adapter()
+    assert get_runtime(twin.controlnet) is None
+    assert np.array_equal(generate(control_pipe, image=control), erased)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import os
 import threading
 import weakref
@@ -223,6 +224,32 @@ class CPERuntime:
         config = getattr(denoiser, "config", None)
         self._embeds_reach_layers = getattr(config, "encoder_hid_dim_type", None) not in _PROJECTED_TEXT
         self._thread_selections = 0
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CPERuntime:
+        """The runtime of a deep copy of the denoiser: same adapters (copied), active set and scales.
+
+        ``copy.deepcopy(unet)`` (an EMA copy, a frozen reference model) reaches the runtime through
+        the UNet and its wrapped layers. The copy gets its own lock, an empty cache and routing
+        memo, and a weak reference to the *copied* denoiser. A ControlNet's runtime re-registers
+        with the copy of its primary; a UNet copied alone takes no companions along.
+        """
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        fresh = {
+            "_lock": threading.RLock(),
+            "_cache": OrderedDict(),
+            "_route_memo": RouteMemo(),
+            "_thread_selections": 0,
+            "companions": [],
+        }
+        for key, value in self.__dict__.items():
+            if key == "denoiser_ref":
+                new.denoiser_ref = weakref.ref(copy.deepcopy(value(), memo))
+            else:
+                new.__dict__[key] = fresh[key] if key in fresh else copy.deepcopy(value, memo)
+        if new.primary is not None and new not in new.primary.companions:
+            new.primary.companions.append(new)
+        return new
 
     # ------------------------------------------------------------------------------- state
     @property

@@ -130,12 +130,8 @@ def logit(p: float) -> float:
 
 
 # ---------------------------------------------------------------------------- the calibrations
-def variants(anchor_logits: torch.Tensor, target_logits: torch.Tensor) -> list[Variant]:
-    """Every calibration to evaluate, with ``k`` and ``tau`` derived from the anchor statistics.
-
-    ``anchor_logits`` holds every token of every anchor prompt; ``target_logits`` the largest token
-    logit of each training-template prompt of the erased concept (only for the threshold placement).
-    """
+def variants(anchor_logits: torch.Tensor) -> list[Variant]:
+    """Every calibration to evaluate, ``k`` and ``tau`` derived from ``anchor_logits`` (every token of every anchor)."""
     top = float(anchor_logits.max())
     found = [Variant("uncalibrated", 1.0, None, "baseline")]
     for eps in (0.05, 0.01, 0.001):
@@ -144,16 +140,19 @@ def variants(anchor_logits: torch.Tensor, target_logits: torch.Tensor) -> list[V
             found.append(Variant(f"sharpen max-anchor={eps:g}", k, None, f"k = logit({eps:g}) / max anchor logit"))
     for k in (2.0, 4.0):
         found.append(Variant(f"sharpen k={k:g}", k, None, "fixed k"))
-    q999 = float(torch.quantile(anchor_logits.flatten(), 0.999))
-    target_low = float(target_logits.min())
-    placements = {
-        "max anchor + 1": top + 1.0,
-        "max anchor + 0.25 (target low - max anchor)": top + 0.25 * (target_low - top),
-        "q99.9 anchor": q999,
-    }
-    for label, tau in placements.items():
-        for k in (4.0, 8.0):
+    quantiles = {q: float(torch.quantile(anchor_logits.flatten(), q)) for q in (0.999, 0.99)}
+    # above every anchor token (a steeper gate that opens nothing the anchors reach), then two
+    # placements that open the top 0.1 % / 1 % of anchor tokens (the only way to open anything below)
+    placements = [
+        ("max anchor + 0.5", top + 0.5, (4.0, 8.0)),
+        ("q99.9 anchor", quantiles[0.999], (4.0,)),
+        ("q99 anchor", quantiles[0.99], (4.0, 8.0)),
+    ]
+    for label, tau, slopes in placements:
+        for k in slopes:
             found.append(Variant(f"threshold {label}, k={k:g}", k, tau, f"tau = {label}"))
+    # not a calibration: every gate forced to 1, the ceiling of what any gate change can reach
+    found.append(Variant("ceiling: every gate open (g = 1)", 1.0, -1e4, "diagnostic upper bound"))
     return found
 
 
@@ -179,11 +178,12 @@ def _biased_best_concepts(
 def calibrated(pipe: Any, base: CPEAdapter, variant: Variant) -> Iterator[CPEAdapter]:
     """The pipeline with ``base`` calibrated by ``variant`` loaded as "eraser" (unloaded and unpatched after)."""
     adapter = copy.deepcopy(base)
+    original = cpe_gate.best_concepts
     # every cpe_adapter module that imported the routing function by name (runtime, or a routing helper)
     patched = [
         module
         for name, module in list(sys.modules.items())
-        if name.startswith("cpe_adapter") and getattr(module, "best_concepts", None) is cpe_gate.best_concepts
+        if name.startswith("cpe_adapter") and getattr(module, "best_concepts", None) is original
     ]
     if variant.tau is None:
         with torch.no_grad():
@@ -200,7 +200,7 @@ def calibrated(pipe: Any, base: CPEAdapter, variant: Variant) -> Iterator[CPEAda
     finally:
         unload_cpe_adapter(pipe, "eraser")
         for module in patched:
-            module.best_concepts = cpe_gate.best_concepts
+            module.best_concepts = original
         _BIAS.clear()
 
 
@@ -298,7 +298,7 @@ def run_case(pipe: Any, concept: str, args: argparse.Namespace) -> list[dict[str
     cache_file = Path(args.out) / "evals" / f"{slug(concept)}.json"
     done: dict[str, Any] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     rows = []
-    for variant in variants(anchor_logits, target_logits):
+    for variant in variants(anchor_logits):
         if args.only and not any(word in variant.name for word in args.only):
             continue
         key = f"{variant.name}|{variant.k:.6g}|{variant.tau}|{args.attack_budget}|{args.attack_prompts}"

@@ -270,11 +270,16 @@ def test_attention_processor_swaps_keep_the_erasure(pipe: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- ControlNet, offload
-def test_controlnet_pipeline_with_an_eraser(pipe: Any) -> None:
+def controlnet_pipeline(pipe: Any) -> tuple[Any, torch.Tensor]:
+    """A ControlNet pipeline around ``pipe``'s components (ControlNet made from its UNet) and a control image."""
     controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32, 48, 64))
     control_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
     control_pipe.set_progress_bar_config(disable=True)
-    control = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    return control_pipe, torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+
+
+def test_controlnet_pipeline_with_an_eraser(pipe: Any) -> None:
+    control_pipe, control = controlnet_pipeline(pipe)
     bare = generate(control_pipe, image=control)
 
     control_pipe.load_cpe_adapter(random_adapter(pipe), "eraser")
@@ -291,9 +296,8 @@ def test_controlnet_pipeline_with_an_eraser(pipe: Any) -> None:
 def test_controlnet_cross_attention_is_erased_like_the_unets(pipe: Any) -> None:
     """ControlNet.from_unet copies the UNet's attn2 layers and reads the same prompt embedding, so its
     keys should carry the same erasure as the UNet layer of the same name."""
-    controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32, 48, 64))
-    control_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
-    control_pipe.set_progress_bar_config(disable=True)
+    control_pipe, control = controlnet_pipeline(pipe)
+    controlnet = control_pipe.controlnet
     control_pipe.load_cpe_adapter(random_adapter(pipe), "eraser")
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
     keys: dict[str, torch.Tensor] = {}
@@ -302,7 +306,7 @@ def test_controlnet_cross_attention_is_erased_like_the_unets(pipe: Any) -> None:
         for tag, model in (("unet", pipe.unet), ("controlnet", controlnet))
     ]
     try:
-        generate(control_pipe, image=torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)))
+        generate(control_pipe, image=control)
     finally:
         for hook in hooks:
             hook.remove()
@@ -547,10 +551,7 @@ def test_deepcopy_of_an_erased_unet_is_an_independent_eraser(pipe: Any) -> None:
 
 
 def test_deepcopy_of_a_controlnet_pipeline_keeps_both_erasures(pipe: Any) -> None:
-    controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32, 48, 64))
-    control_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
-    control_pipe.set_progress_bar_config(disable=True)
-    control = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    control_pipe, control = controlnet_pipeline(pipe)
     bare = generate(control_pipe, image=control)
     control_pipe.load_cpe_adapter(random_adapter(pipe), "eraser")
     erased = generate(control_pipe, image=control)

@@ -8,6 +8,7 @@ each addition works with the eraser, and removing it leaves the eraser exactly a
 from __future__ import annotations
 
 import copy
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -567,3 +568,41 @@ def test_deepcopy_of_a_controlnet_pipeline_keeps_both_erasures(pipe: Any) -> Non
     twin.unload_cpe_adapter()
     assert get_runtime(twin.controlnet) is None
     assert np.array_equal(generate(control_pipe, image=control), erased)
+
+
+# ------------------------------------------------------------------------------ MultiControlNet
+def multi_pipeline(pipe: Any, nets: list[ControlNetModel]) -> Any:
+    multi = StableDiffusionControlNetPipeline(**pipe.components, controlnet=nets)
+    multi.set_progress_bar_config(disable=True)
+    return multi
+
+
+def test_multicontrolnet_nets_are_erased_also_when_edited_in_place(pipe: Any) -> None:
+    first, second, third, fourth = (controlnet_for(pipe.unet, seed) for seed in (5, 6, 7, 8))
+    images = [CONTROL, CONTROL, CONTROL]
+    reference = multi_pipeline(pipe, [first, second, third])
+    bare = generate(reference, image=images)
+    reference.load_cpe_adapter(random_adapter(pipe), "eraser")
+    assert all(get_runtime(net) is not None for net in (first, second, third))
+    erased = generate(reference, image=images)
+    assert differs(erased, bare)
+    reference.unload_cpe_adapter()
+    assert all(get_runtime(net) is None for net in (first, second, third))
+    del reference  # loading erases the ControlNets of every live pipeline holding the UNet
+    gc.collect()
+
+    edited = multi_pipeline(pipe, [first, second])
+    edited.load_cpe_adapter(random_adapter(pipe), "eraser")
+    edited.controlnet.nets.append(third)  # in place: no pipeline attribute is set
+    assert get_runtime(third) is None
+    assert np.array_equal(generate(edited, image=images), erased), "the appended net is erased at its first call"
+    assert get_runtime(third).primary is get_runtime(pipe.unet)
+
+    edited.controlnet.nets[2] = fourth  # replaced in place
+    replaced = generate(edited, image=images)
+    assert get_runtime(fourth) is not None and get_runtime(fourth).primary is get_runtime(pipe.unet)
+    edited.disable_cpe_adapters()
+    assert differs(replaced, generate(edited, image=images)), "the replacing net is erased too"
+    edited.enable_cpe_adapters()
+    edited.unload_cpe_adapter()
+    assert all(get_runtime(net) is None for net in (first, second))

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import os
 import re
-import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from torch import nn
 
 from .adapter import CPEAdapter
 from .config import CPEConfig
+from .controlnets import remember_pipeline, sync_companions, watch_components
 from .errors import CPEAdapterError
 from .hub import load_adapter, push_adapter
 from .runtime import CPERuntime, adapter_placement, denoiser_of, get_runtime, remove_runtime
@@ -31,142 +30,6 @@ def _runtime(pipe: Any) -> CPERuntime:
     if runtime is None or not runtime.adapters:
         raise CPEAdapterError("No CPE adapters are loaded; call `load_cpe_adapter(...)` first.")
     return runtime
-
-
-def _controlnets(pipe: Any) -> list[nn.Module]:
-    """The ControlNet models of a pipeline (none for a bare UNet or a pipeline without ControlNet)."""
-    if isinstance(pipe, nn.Module):
-        return []
-    controlnet = getattr(pipe, "controlnet", None)
-    if not isinstance(controlnet, nn.Module):
-        return []
-    nets = getattr(controlnet, "nets", None)
-    return list(nets) if nets is not None else [controlnet]
-
-
-# Pipelines seen holding each UNet (``DiffusionPipeline.__setattr__`` records them; see
-# :func:`_watch_components`), so that loading on one pipeline also erases the ControlNets of the
-# others that share the UNet (``from_pipe``, ``Cls(**pipe.components, controlnet=...)``).
-PIPELINES_ATTR = "_cpe_pipelines"
-
-
-def _pipelines_of(denoiser: nn.Module) -> list[Any]:
-    pipelines = denoiser.__dict__.get(PIPELINES_ATTR)
-    return list(pipelines) if pipelines is not None else []
-
-
-def _remember_pipeline(pipe: Any, denoiser: nn.Module) -> None:
-    pipelines = denoiser.__dict__.get(PIPELINES_ATTR)
-    if pipelines is None:
-        pipelines = denoiser.__dict__[PIPELINES_ATTR] = weakref.WeakSet()
-    with contextlib.suppress(TypeError):  # an object without weak references: only ``pipe`` itself is synced
-        pipelines.add(pipe)
-
-
-def _sync_companions(pipe: Any, runtime: CPERuntime | None) -> None:
-    """Give every ControlNet next to the UNet the erasure of the UNet, restricted to its own layers.
-
-    A ControlNet made from the UNet carries copies of its cross-attention layers (same names) and
-    reads the same prompt, so it is erased like the UNet; its runtime follows the UNet's active
-    set, scales and switch. The ControlNets are those of ``pipe`` and of every other live pipeline
-    holding the same UNet, and every ControlNet that already follows this UNet.
-    """
-    denoiser = denoiser_of(pipe)
-    nets: list[nn.Module] = []
-    for holder in [pipe, *_pipelines_of(denoiser)]:
-        if holder is pipe or denoiser_of_or_none(holder) is denoiser:
-            nets.extend(n for n in _controlnets(holder) if all(n is not m for m in nets))
-    if runtime is None or not runtime.adapters:
-        for net in nets:
-            companion = get_runtime(net)
-            if companion is not None and (runtime is None or companion.primary in (None, runtime)):
-                remove_runtime(net)
-        return
-    for net in nets:
-        companion = get_runtime(net)
-        if companion is None:
-            companion = CPERuntime(net, primary=runtime)
-            first = next(iter(runtime.adapters.values()))
-            first.restricted_to(companion.layers)  # refuses a ControlNet with layers the UNet lacks
-            companion.attach()
-            net.__dict__["_cpe_runtime"] = companion
-        if companion.primary is not runtime:
-            # It followed another UNet: its adapters (same names, other weights) are not this one's.
-            if companion.primary is not None and companion in companion.primary.companions:
-                companion.primary.companions.remove(companion)
-            companion.adapters.clear()
-            companion.primary = runtime
-        if companion not in runtime.companions:
-            runtime.companions.append(companion)
-    runtime.companions[:] = [c for c in runtime.companions if c.denoiser_ref() is not None]
-    for companion in runtime.companions:
-        controlnet = companion.denoiser_ref()
-        for name in [n for n in companion.adapters if companion.adapters[n] is not _source(runtime, n, companion)]:
-            del companion.adapters[name]
-        device, dtype = adapter_placement(controlnet)
-        for name, adapter in runtime.adapters.items():
-            if name not in companion.adapters:
-                restricted = adapter.restricted_to(companion.layers)
-                restricted.__dict__["_cpe_source"] = adapter
-                companion.adapters[name] = restricted.to(device, dtype).requires_grad_(False)
-    runtime.bump()
-
-
-def _source(runtime: CPERuntime, name: str, companion: CPERuntime) -> Any:
-    """The companion's adapter ``name`` if it was made from the UNet's adapter of that name now loaded."""
-    adapter = companion.adapters[name]
-    return adapter if adapter.__dict__.get("_cpe_source") is runtime.adapters.get(name) else None
-
-
-def denoiser_of_or_none(pipe: Any) -> nn.Module | None:
-    """The UNet of a pipeline, or None where it has none (never raises)."""
-    try:
-        return denoiser_of(pipe)
-    except CPEAdapterError:
-        return None
-
-
-def _on_component_set(pipe: Any, name: str, value: Any) -> None:
-    """After ``pipe.<name> = value``: remember the pipeline on its UNet and erase a new ControlNet at once."""
-    if name not in _WATCHED or not isinstance(value, nn.Module):
-        return
-    denoiser = denoiser_of_or_none(pipe)
-    if denoiser is None:
-        return
-    _remember_pipeline(pipe, denoiser)
-    runtime = get_runtime(denoiser)
-    if runtime is None or not runtime.adapters or runtime.primary is not None:
-        return
-    if any(get_runtime(net) is None or get_runtime(net).primary is not runtime for net in _controlnets(pipe)):
-        _sync_companions(pipe, runtime)
-
-
-_WATCHED = ("unet", "controlnet")
-
-
-def _watch_components() -> bool:
-    """Wrap ``DiffusionPipeline.__setattr__`` once, so that ControlNets attached later are erased.
-
-    diffusers pipelines set every component through ``__setattr__`` (``__init__`` via
-    ``register_modules``, ``from_pipe``, and plain ``pipe.controlnet = ...``). A ControlNet that
-    arrives next to a UNet with CPE adapters is given the UNet's erasure right then, so the very
-    first denoising step of the next call is erased.
-    """
-    from diffusers import DiffusionPipeline
-
-    original = DiffusionPipeline.__setattr__
-    if getattr(original, "_cpe_watch", False):
-        return False
-
-    @functools.wraps(original)
-    def __setattr__(self: Any, name: str, value: Any) -> None:
-        original(self, name, value)
-        if name in _WATCHED:
-            _on_component_set(self, name, value)
-
-    __setattr__._cpe_watch = True  # type: ignore[attr-defined]
-    DiffusionPipeline.__setattr__ = __setattr__
-    return True
 
 
 def _check_names(runtime: CPERuntime, names: Sequence[str]) -> None:
@@ -256,9 +119,9 @@ def load_cpe_adapter(
     runtime.scales[name] = float(scale)
     runtime.active.append(name)
     if not isinstance(pipe, nn.Module):
-        _remember_pipeline(pipe, denoiser)
+        remember_pipeline(pipe, denoiser)
     try:
-        _sync_companions(pipe, runtime)
+        sync_companions(pipe, runtime)
     except CPEAdapterError:
         unload_cpe_adapter(pipe, name)
         raise
@@ -381,7 +244,7 @@ def unload_cpe_adapter(pipe: Any, adapter_names: str | Sequence[str] | None = No
             if controlnet is not None and get_runtime(controlnet) is companion:
                 remove_runtime(controlnet)
         runtime.companions.clear()
-    _sync_companions(pipe, runtime if runtime.adapters else None)
+    sync_companions(pipe, runtime if runtime.adapters else None)
 
 
 def save_cpe_adapter(pipe: Any, save_directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
@@ -441,7 +304,7 @@ def register_pipeline_methods() -> list[str]:
     """Add the operations as ``DiffusionPipeline`` methods, never replacing an existing attribute."""
     from diffusers import DiffusionPipeline
 
-    _watch_components()
+    watch_components()
     added = []
     for name, function in PIPELINE_METHODS.items():
         if not hasattr(DiffusionPipeline, name):

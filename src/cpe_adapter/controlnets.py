@@ -1,0 +1,198 @@
+"""ControlNets that follow a UNet's erasure.
+
+A ControlNet made from the UNet (``ControlNetModel.from_unet``) carries copies of its
+cross-attention layers and reads the same prompt embedding, so a concept the UNet no longer sees
+would come back through the ControlNet's residuals. Each ControlNet next to a UNet with CPE
+adapters therefore gets a *companion* runtime: the UNet's adapters restricted to the ControlNet's
+layers, following the UNet's active set, scales and switch.
+
+ControlNets are found wherever they can arrive: at load time (every pipeline known to hold the
+UNet), when a pipeline component is set (``DiffusionPipeline.__setattr__`` is wrapped once), and,
+for a ``MultiControlNetModel``, when its ``nets`` list was edited in place (a forward pre-hook on
+it checks its nets before each call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from typing import Any
+
+from torch import nn
+
+from .errors import CPEAdapterError
+from .runtime import CPERuntime, adapter_placement, denoiser_of, get_runtime, remove_runtime
+
+
+def _controlnets(pipe: Any) -> list[nn.Module]:
+    """The ControlNet models of a pipeline (none for a bare UNet or a pipeline without ControlNet)."""
+    if isinstance(pipe, nn.Module):
+        return []
+    controlnet = getattr(pipe, "controlnet", None)
+    if not isinstance(controlnet, nn.Module):
+        return []
+    nets = getattr(controlnet, "nets", None)
+    return list(nets) if nets is not None else [controlnet]
+
+
+# Pipelines seen holding each UNet (``DiffusionPipeline.__setattr__`` records them; see
+# :func:`watch_components`), so that loading on one pipeline also erases the ControlNets of the
+# others that share the UNet (``from_pipe``, ``Cls(**pipe.components, controlnet=...)``).
+PIPELINES_ATTR = "_cpe_pipelines"
+
+
+def _pipelines_of(denoiser: nn.Module) -> list[Any]:
+    pipelines = denoiser.__dict__.get(PIPELINES_ATTR)
+    return list(pipelines) if pipelines is not None else []
+
+
+def remember_pipeline(pipe: Any, denoiser: nn.Module) -> None:
+    pipelines = denoiser.__dict__.get(PIPELINES_ATTR)
+    if pipelines is None:
+        pipelines = denoiser.__dict__[PIPELINES_ATTR] = weakref.WeakSet()
+    with contextlib.suppress(TypeError):  # an object without weak references: only ``pipe`` itself is synced
+        pipelines.add(pipe)
+
+
+def sync_companions(pipe: Any, runtime: CPERuntime | None) -> None:
+    """Give every ControlNet next to the UNet the erasure of the UNet, restricted to its own layers.
+
+    A ControlNet made from the UNet carries copies of its cross-attention layers (same names) and
+    reads the same prompt, so it is erased like the UNet; its runtime follows the UNet's active
+    set, scales and switch. The ControlNets are those of ``pipe`` and of every other live pipeline
+    holding the same UNet, and every ControlNet that already follows this UNet.
+    """
+    denoiser = denoiser_of(pipe)
+    holders = [h for h in [pipe, *_pipelines_of(denoiser)] if h is pipe or denoiser_of_or_none(h) is denoiser]
+    nets: list[nn.Module] = []
+    for holder in holders:
+        nets.extend(n for n in _controlnets(holder) if all(n is not m for m in nets))
+    multis = [m for m in map(_multi_controlnet, holders) if m is not None]
+    if runtime is None or not runtime.adapters:
+        for net in nets:
+            companion = get_runtime(net)
+            if companion is not None and (runtime is None or companion.primary in (None, runtime)):
+                remove_runtime(net)
+        return
+    erase_controlnets(runtime, nets)
+    for multi in multis:
+        if MULTI_HOOK_ATTR not in multi.__dict__:
+            multi.__dict__[MULTI_HOOK_ATTR] = multi.register_forward_pre_hook(_erase_nets_added_in_place)
+
+
+def erase_controlnets(runtime: CPERuntime, nets: list[nn.Module]) -> None:
+    """Make every ControlNet in ``nets`` a companion of ``runtime`` and bring all companions' adapters up to date.
+
+    Raises :class:`CPEAdapterError` for a ControlNet whose cross-attention layers the UNet lacks.
+    """
+    for net in nets:
+        companion = get_runtime(net)
+        if companion is None:
+            companion = CPERuntime(net, primary=runtime)
+            first = next(iter(runtime.adapters.values()))
+            first.restricted_to(companion.layers)  # refuses a ControlNet with layers the UNet lacks
+            companion.attach()
+            net.__dict__["_cpe_runtime"] = companion
+        if companion.primary is not runtime:
+            # It followed another UNet: its adapters (same names, other weights) are not this one's.
+            if companion.primary is not None and companion in companion.primary.companions:
+                companion.primary.companions.remove(companion)
+            companion.adapters.clear()
+            companion.primary = runtime
+        if companion not in runtime.companions:
+            runtime.companions.append(companion)
+    runtime.companions[:] = [c for c in runtime.companions if c.denoiser_ref() is not None]
+    for companion in runtime.companions:
+        controlnet = companion.denoiser_ref()
+        for name in [n for n in companion.adapters if companion.adapters[n] is not _source(runtime, n, companion)]:
+            del companion.adapters[name]
+        device, dtype = adapter_placement(controlnet)
+        for name, adapter in runtime.adapters.items():
+            if name not in companion.adapters:
+                restricted = adapter.restricted_to(companion.layers)
+                restricted.__dict__["_cpe_source"] = adapter
+                companion.adapters[name] = restricted.to(device, dtype).requires_grad_(False)
+    runtime.bump()
+
+
+def _multi_controlnet(pipe: Any) -> nn.Module | None:
+    """The ``MultiControlNetModel`` of a pipeline (anything with a ``nets`` list), or None."""
+    controlnet = None if isinstance(pipe, nn.Module) else getattr(pipe, "controlnet", None)
+    return controlnet if isinstance(controlnet, nn.Module) and hasattr(controlnet, "nets") else None
+
+
+# A ``MultiControlNetModel``'s hook that erases nets put into its ``nets`` list in place.
+MULTI_HOOK_ATTR = "_cpe_nets_hook"
+
+
+def _erase_nets_added_in_place(multi: nn.Module, args: tuple) -> None:
+    """Before a ``MultiControlNetModel`` runs: erase any net in ``nets`` that does not follow the UNet yet.
+
+    The UNet is the one the other nets follow (``multi.nets.append(cn)``, ``multi.nets[i] = cn``);
+    with no net left following one, there is no UNet to follow and nothing happens.
+    """
+    companions = [get_runtime(net) for net in multi.nets]
+    primaries = {id(c.primary): c.primary for c in companions if c is not None and c.primary is not None}
+    if len(primaries) != 1:
+        return
+    runtime = next(iter(primaries.values()))
+    if runtime.adapters and any(c is None or c.primary is not runtime for c in companions):
+        erase_controlnets(runtime, list(multi.nets))
+
+
+def _source(runtime: CPERuntime, name: str, companion: CPERuntime) -> Any:
+    """The companion's adapter ``name`` if it was made from the UNet's adapter of that name now loaded."""
+    adapter = companion.adapters[name]
+    return adapter if adapter.__dict__.get("_cpe_source") is runtime.adapters.get(name) else None
+
+
+def denoiser_of_or_none(pipe: Any) -> nn.Module | None:
+    """The UNet of a pipeline, or None where it has none (never raises)."""
+    try:
+        return denoiser_of(pipe)
+    except CPEAdapterError:
+        return None
+
+
+def _on_component_set(pipe: Any, name: str, value: Any) -> None:
+    """After ``pipe.<name> = value``: remember the pipeline on its UNet and erase a new ControlNet at once."""
+    if name not in _WATCHED or not isinstance(value, nn.Module):
+        return
+    denoiser = denoiser_of_or_none(pipe)
+    if denoiser is None:
+        return
+    remember_pipeline(pipe, denoiser)
+    runtime = get_runtime(denoiser)
+    if runtime is None or not runtime.adapters or runtime.primary is not None:
+        return
+    if any(get_runtime(net) is None or get_runtime(net).primary is not runtime for net in _controlnets(pipe)):
+        sync_companions(pipe, runtime)
+
+
+_WATCHED = ("unet", "controlnet")
+
+
+def watch_components() -> bool:
+    """Wrap ``DiffusionPipeline.__setattr__`` once, so that ControlNets attached later are erased.
+
+    diffusers pipelines set every component through ``__setattr__`` (``__init__`` via
+    ``register_modules``, ``from_pipe``, and plain ``pipe.controlnet = ...``). A ControlNet that
+    arrives next to a UNet with CPE adapters is given the UNet's erasure right then, so the very
+    first denoising step of the next call is erased.
+    """
+    from diffusers import DiffusionPipeline
+
+    original = DiffusionPipeline.__setattr__
+    if getattr(original, "_cpe_watch", False):
+        return False
+
+    @functools.wraps(original)
+    def __setattr__(self: Any, name: str, value: Any) -> None:
+        original(self, name, value)
+        if name in _WATCHED:
+            _on_component_set(self, name, value)
+
+    __setattr__._cpe_watch = True  # type: ignore[attr-defined]
+    DiffusionPipeline.__setattr__ = __setattr__
+    return True

@@ -158,7 +158,7 @@ def timed_call(pipe, variant: Variant, args: argparse.Namespace, size: int, watc
     def watch(pipeline, step, timestep, kwargs):
         runtime = get_runtime(denoiser_of(pipeline))
         if runtime is not None and watched:
-            variant.cache_bytes = max(variant.cache_bytes, runtime.cached_bytes() + runtime.route_memo_bytes())
+            variant.cache_bytes = max(variant.cache_bytes, runtime.cached_bytes() + runtime.routing_bytes())
         return {}
 
     if args.device.startswith("cuda"):

@@ -28,9 +28,9 @@ def routed_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = routing.route_row
 
-    def counting(row: torch.Tensor, participants: Any) -> routing.Route:
+    def counting(row: torch.Tensor, sets: Any) -> routing.Route:
         calls.append(row.shape[0])
-        return original(row, participants)
+        return original(row, sets)
 
     monkeypatch.setattr(routing, "route_row", counting)
     return calls
@@ -107,6 +107,70 @@ def test_memo_is_bounded(pipe: Any) -> None:
     generate(pipe, "one more")
     dim = pipe.unet.config.cross_attention_dim
     per_row = 2 * 77 * dim * 4 + 77 * 4 + 2 * 77 * 8  # embedding and Ē (fp32), gate, concept and owner
-    assert runtime.route_memo_bytes() == routing.ROUTE_MEMO_ROWS * per_row
+    stacked = sum(s.nbytes() for s in routing.concept_sets(runtime.participants()))
+    assert stacked > 0, "the two adapters route as one stacked set"
+    assert runtime.routing_bytes() == routing.ROUTE_MEMO_ROWS * per_row + stacked
     runtime.clear_cache()
-    assert runtime.route_memo_bytes() == 0
+    assert runtime.routing_bytes() == 0
+
+
+# --------------------------------------------------------------------------------- concept sets
+def stacked_pipe(**second: Any) -> Any:
+    pipe = tiny_pipeline("sd")
+    for index in range(6):
+        pipe.load_cpe_adapter(random_adapter(pipe, f"concept {index}", seed=10 + index), adapter_name=f"a{index}")
+    pipe.load_cpe_adapter(random_adapter(pipe, ["x", "y"], seed=20, **second), adapter_name="b", scale=0.6)
+    return pipe
+
+
+def routed_apart(pipe: Any, embeds: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    """The residual with every adapter routed on its own (no stacking), for reference."""
+    runtime = get_runtime(denoiser_of(pipe))
+    with monkeypatch.context() as patch:
+        patch.setattr(routing, "STACK_BYTES", 0)
+        runtime.clear_cache()
+        assert len(routing.concept_sets(runtime.participants())) == len(runtime.participants())
+        with torch.no_grad():
+            return runtime.residual(embeds, runtime._wrappers[0].weight)
+
+
+def test_stacked_adapters_route_as_one_set_like_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    pipe = stacked_pipe()
+    runtime = get_runtime(denoiser_of(pipe))
+    sets = routing.concept_sets(runtime.participants())
+    assert len(sets) == 1 and sets[0].gate_a.shape[0] == 8
+    assert sets[0].scales.tolist()[-2:] == pytest.approx([0.6 * runtime.adapters["b"].residual_scale] * 2)
+    embeds = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        together = runtime.residual(embeds, runtime._wrappers[0].weight)
+    torch.testing.assert_close(together, routed_apart(pipe, embeds, monkeypatch), rtol=1e-5, atol=1e-6)
+    assert together.abs().max() > 0.1
+
+
+def test_adapters_of_other_ranks_get_their_own_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    pipe = stacked_pipe(gate_rank=8, residual_rank=2)
+    runtime = get_runtime(denoiser_of(pipe))
+    sets = routing.concept_sets(runtime.participants())
+    assert [s.gate_a.shape[0] for s in sets] == [6, 2]
+    embeds = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        together = runtime.residual(embeds, runtime._wrappers[0].weight)
+    torch.testing.assert_close(together, routed_apart(pipe, embeds, monkeypatch), rtol=1e-5, atol=1e-6)
+
+
+def test_stacked_sets_follow_trained_weights_at_every_autograd_call() -> None:
+    """While adapters train (weights need grad), no stacked copy is kept between calls: each call
+    sees the weights as the optimizer left them, and gradients reach every adapter."""
+    pipe = stacked_pipe()
+    runtime = get_runtime(denoiser_of(pipe))
+    for adapter in runtime.adapters.values():
+        adapter.requires_grad_(True)
+    embeds = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(3))
+    first = runtime.residual(embeds, runtime._wrappers[0].weight)
+    first.square().sum().backward()
+    assert all(a.up.grad is not None and a.up.grad.abs().sum() > 0 for a in runtime.adapters.values())
+    with torch.no_grad():  # an optimizer step: in place, no pipeline call in between
+        for adapter in runtime.adapters.values():
+            adapter.up.mul_(2.0)
+    second = runtime.residual(embeds, runtime._wrappers[0].weight)
+    torch.testing.assert_close(second, 2.0 * first.detach())

@@ -25,13 +25,92 @@ from .gate import best_concepts, routed_residual
 
 # Prompt rows whose routing is remembered per denoiser (the negative prompt, recent prompts).
 ROUTE_MEMO_ROWS = 8
+# Participating adapters are stacked into one concept set (a copy of their weights) only while the
+# copy stays below this size; larger ones are routed one adapter at a time, without a copy.
+STACK_BYTES = 64 << 20
 
 Participants = Sequence[tuple[str, CPEAdapter, float]]
 
 
 @dataclass
+class ConceptSet:
+    """Concepts routed together: their gate and residual weights stacked on one concept axis.
+
+    ``scales`` ``[N]`` holds each concept's ``scale · alpha / r`` (its adapter's user scale), so
+    adapters of different alpha and scale share one set; they must share the gate rank ``m`` and
+    the residual rank ``r``. ``gate_b`` is the key side of every concept (``A`` itself for a tied
+    adapter), or ``None`` when every concept is tied.
+    """
+
+    gate_a: torch.Tensor
+    gate_b: torch.Tensor | None
+    gate_v: torch.Tensor
+    down: torch.Tensor
+    up: torch.Tensor
+    scales: torch.Tensor
+    rank: int
+    copied: bool = False
+
+    def nbytes(self) -> int:
+        """Bytes this set holds of its own (the stacked copies; a single adapter's weights are shared)."""
+        tensors = [self.scales]
+        if self.copied:
+            tensors += [t for t in (self.gate_a, self.gate_b, self.gate_v, self.down, self.up) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @classmethod
+    def of(cls, participants: Participants) -> ConceptSet:
+        """One set of ``participants`` in order (no copy for a single adapter)."""
+        adapters = [adapter for _, adapter, _ in participants]
+        scales = [
+            adapter.gate_v.new_full((adapter.num_concepts,), scale * adapter.residual_scale)
+            for _, adapter, scale in participants
+        ]
+        tied = all(adapter.config.tie_gate_qk for adapter in adapters)
+
+        def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+        return cls(
+            gate_a=stacked([a.gate_a for a in adapters]),
+            gate_b=None if tied else stacked([a.key_weight() for a in adapters]),
+            gate_v=stacked([a.gate_v for a in adapters]),
+            down=stacked([a.down for a in adapters]),
+            up=stacked([a.up for a in adapters]),
+            scales=stacked(scales),
+            rank=adapters[0].config.residual_rank,
+            copied=len(adapters) > 1,
+        )
+
+
+def concept_sets(participants: Participants) -> list[ConceptSet]:
+    """The participants as few concept sets as possible, in name order.
+
+    Consecutive adapters of the same gate and residual ranks share a set while the stacked copy
+    stays within :data:`STACK_BYTES` (twenty one-concept adapters route as one 20-concept set); a
+    set routes in one pass instead of one pass per adapter. Keeping name order keeps the tie rule:
+    the first concept in name order wins a tie, within a set as across sets.
+    """
+    groups: list[list[tuple[str, CPEAdapter, float]]] = []
+    size = 0
+    for participant in participants:
+        adapter = participant[1]
+        nbytes = sum(p.numel() * p.element_size() for p in adapter.parameters())
+        if groups:
+            last = groups[-1][-1][1].config
+            same = (last.gate_rank, last.residual_rank) == (adapter.config.gate_rank, adapter.config.residual_rank)
+            if same and size + nbytes <= STACK_BYTES:
+                groups[-1].append(participant)
+                size += nbytes
+                continue
+        groups.append([participant])
+        size = nbytes
+    return [ConceptSet.of(group) for group in groups]
+
+
+@dataclass
 class Route:
-    """The winner of every token of one prompt row: gate ``[T]``, concept ``[T]``, ``Ē`` ``[T, d]``, adapter ``[T]``."""
+    """The winner of every token of one prompt row: gate ``[T]``, concept ``[T]``, ``Ē`` ``[T, d]``, set ``[T]``."""
 
     gate: torch.Tensor
     index: torch.Tensor
@@ -39,20 +118,19 @@ class Route:
     owner: torch.Tensor
 
 
-def route_row(row: torch.Tensor, participants: Participants) -> Route:
-    """Top-1 routing of one row ``[1, T, d]`` over every concept of every participating adapter.
+def route_row(row: torch.Tensor, sets: Sequence[ConceptSet]) -> Route:
+    """Top-1 routing of one row ``[1, T, d]`` over every concept of every set.
 
-    Each adapter's own winner comes from :func:`~cpe_adapter.gate.best_concepts`; across adapters
-    the larger gate wins, and the adapter first by name keeps a tie.
+    Each set's winner comes from :func:`~cpe_adapter.gate.best_concepts`; across sets the larger
+    gate wins, and the earlier set keeps a tie.
     """
     best = None
-    for position, (_, adapter, _) in enumerate(participants):
-        key = None if adapter.config.tie_gate_qk else adapter.gate_b
-        gate, index, mixed = best_concepts(row, adapter.gate_a, key, adapter.gate_v)
+    for position, concepts in enumerate(sets):
+        gate, index, mixed = best_concepts(row, concepts.gate_a, concepts.gate_b, concepts.gate_v)
         if best is None:
             best = Route(gate[0], index[0], mixed[0], torch.zeros_like(index[0]))
             continue
-        better = gate[0] > best.gate  # strict: the adapter first by name keeps a tie
+        better = gate[0] > best.gate  # strict: the earlier set keeps a tie
         best = Route(
             torch.where(better, gate[0], best.gate),
             torch.where(better, index[0], best.index),
@@ -62,20 +140,16 @@ def route_row(row: torch.Tensor, participants: Participants) -> Route:
     return best
 
 
-def row_residual(route: Route, participants: Participants, layer_sizes: Sequence[int]) -> torch.Tensor:
+def row_residual(route: Route, sets: Sequence[ConceptSet], layer_sizes: Sequence[int]) -> torch.Tensor:
     """``scale(c*) · (alpha/r) · g_c*(t) · Ē_c*[t] D_c* U_c*`` of every token of a row: ``[T, sum(d_out)]``."""
     residual = None
-    for position, (_, adapter, scale) in enumerate(participants):
-        weight = route.gate * (scale * adapter.residual_scale)
-        if len(participants) > 1:
+    for position, concepts in enumerate(sets):
+        index = route.index.clamp(max=concepts.scales.shape[0] - 1)
+        weight = route.gate * concepts.scales[index]
+        if len(sets) > 1:
             weight = weight * (route.owner == position).to(weight.dtype)
         part = routed_residual(
-            weight.unsqueeze(-1) * route.mixed,
-            route.index.clamp(max=adapter.num_concepts - 1),
-            adapter.down,
-            adapter.up,
-            layer_sizes,
-            adapter.config.residual_rank,
+            weight.unsqueeze(-1) * route.mixed, index, concepts.down, concepts.up, layer_sizes, concepts.rank
         )
         residual = part if residual is None else residual + part
     return residual
@@ -102,7 +176,7 @@ class RouteMemo:
         tensors = [t for row, route in self.rows for t in (row, route.gate, route.index, route.mixed, route.owner)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def routes(self, embeds: torch.Tensor, participants: Participants, state: tuple) -> list[Route]:
+    def routes(self, embeds: torch.Tensor, sets: Sequence[ConceptSet], state: tuple) -> list[Route]:
         """The route of every row of ``embeds`` ``[B, T, d]``; each distinct row is routed at most once."""
         if state != self.state:
             self.clear()
@@ -115,7 +189,7 @@ class RouteMemo:
             elif twin is not None:
                 routes.append(routes[twin])
             else:
-                routes.append(route_row(row, participants))
+                routes.append(route_row(row, sets))
         for row, route in zip(rows, routes, strict=True):
             known = next((i for i, (_, seen) in enumerate(self.rows) if seen is route), None)
             self.rows.append(self.rows.pop(known) if known is not None else (row[0].detach().clone(), route))

@@ -44,7 +44,7 @@ from .adapter import CPEAdapter
 from .config import CPEConfig, TargetLayer
 from .errors import CPEAdapterError, ErasureIntegrityError, IncompatibleAdapterError
 from .layer import CPELinear, is_compiling
-from .routing import RouteMemo, route_row, row_residual
+from .routing import RouteMemo, concept_sets, route_row, row_residual
 
 RUNTIME_ATTR = "_cpe_runtime"
 # Live prompt embeddings whose projections are kept; an entry also goes when its tensor is freed.
@@ -217,6 +217,7 @@ class CPERuntime:
         self._param_versions: tuple = ()
         self._cache: OrderedDict[int, _PromptEntry] = OrderedDict()
         self._route_memo = RouteMemo()
+        self._concept_sets: tuple[tuple, list] = ((), [])  # (state, participants stacked for routing)
         self._lock = threading.RLock()
         self._hooks: list[Any] = []
         self._wrappers: list[CPELinear] = []
@@ -239,6 +240,7 @@ class CPERuntime:
             "_lock": threading.RLock(),
             "_cache": OrderedDict(),
             "_route_memo": RouteMemo(),
+            "_concept_sets": ((), []),
             "_thread_selections": 0,
             "companions": [],
         }
@@ -316,6 +318,7 @@ class CPERuntime:
             self.generation += 1
             self._cache.clear()
             self._route_memo.clear()
+            self._concept_sets = ((), [])
             self._state = self._snapshot()
             self._watched = [p for adapter in self.adapters.values() for p in adapter.parameters()]
             self._param_versions = tuple(_version_of(p) for p in self._watched)
@@ -533,13 +536,19 @@ class CPERuntime:
         squeeze = embeds.dim() == 2
         if squeeze:
             embeds = embeds.unsqueeze(0)
-        if remember:
-            state = (self.generation, tuple((n, id(a)) for n, a, _ in participants), like.dtype, like.device)
-            routes = self._route_memo.routes(embeds, participants, state)
+        state = (self.generation, self.routing_key(), like.dtype, like.device)
+        if torch.is_grad_enabled() and any(p.requires_grad for _, a, _ in participants for p in a.parameters()):
+            sets = concept_sets(participants)  # stacked copies would carry this call's autograd graph
         else:
-            routes = [route_row(row, participants) for row in embeds.split(1)]
+            if self._concept_sets[0] != state:
+                self._concept_sets = (state, concept_sets(participants))
+            sets = self._concept_sets[1]
+        if remember:
+            routes = self._route_memo.routes(embeds, sets, state)
+        else:
+            routes = [route_row(row, sets) for row in embeds.split(1)]
         layer_sizes = [t.out_features for t in self.layers]
-        residual = torch.stack([row_residual(route, participants, layer_sizes) for route in routes])
+        residual = torch.stack([row_residual(route, sets, layer_sizes) for route in routes])
         return residual.squeeze(0) if squeeze else residual
 
     def project(self, layer: CPELinear, x: torch.Tensor) -> torch.Tensor:
@@ -658,16 +667,20 @@ class CPERuntime:
                 total += sum(out.numel() * out.element_size() for out, _ in entry.projections.values())
             return total
 
-    def route_memo_bytes(self) -> int:
-        """Bytes held by the remembered routes of recurring prompt rows (see :class:`RouteMemo`)."""
+    def routing_bytes(self) -> int:
+        """Bytes held for routing: remembered routes of recurring rows, stacked concept sets.
+
+        See :class:`~cpe_adapter.routing.RouteMemo` and :func:`~cpe_adapter.routing.concept_sets`.
+        """
         with self._lock:
-            return self._route_memo.nbytes()
+            return self._route_memo.nbytes() + sum(s.nbytes() for s in self._concept_sets[1])
 
     def clear_cache(self) -> None:
         """Drop every cached projection."""
         with self._lock:
             self._cache.clear()
             self._route_memo.clear()
+            self._concept_sets = ((), [])
             for wrapper in self._wrappers:
                 wrapper.__dict__["cpe_prepared"] = None
 

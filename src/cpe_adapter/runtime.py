@@ -540,9 +540,10 @@ class CPERuntime:
         if torch.is_grad_enabled() and any(p.requires_grad for _, a, _ in participants for p in a.parameters()):
             sets = concept_sets(participants)  # stacked copies would carry this call's autograd graph
         else:
-            if self._concept_sets[0] != state:
-                self._concept_sets = (state, concept_sets(participants))
-            sets = self._concept_sets[1]
+            cached = self._concept_sets  # read once: threads with their own selections replace it
+            if cached[0] != state:
+                cached = self._concept_sets = (state, concept_sets(participants))
+            sets = cached[1]
         if remember:
             routes = self._route_memo.routes(embeds, sets, state)
         else:

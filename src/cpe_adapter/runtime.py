@@ -74,7 +74,12 @@ def denoiser_of(pipe_or_model: Any) -> nn.Module:
 
 
 def _is_cross_attention(module: nn.Module) -> bool:
-    return bool(getattr(module, "is_cross_attention", False)) and hasattr(module, "to_k") and hasattr(module, "to_v")
+    # diffusers' Attention keeps ``is_cross_attention`` in its __dict__; looking there first spares
+    # nn.Module.__getattr__'s slow miss on the hundreds of other modules (this runs once per prompt).
+    flag = module.__dict__.get("is_cross_attention")
+    if flag is None and hasattr(type(module), "is_cross_attention"):
+        flag = module.is_cross_attention
+    return bool(flag) and hasattr(module, "to_k") and hasattr(module, "to_v")
 
 
 def cross_attention_modules(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:

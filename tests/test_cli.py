@@ -127,3 +127,16 @@ def test_cli_reference_is_current() -> None:
     assert (ROOT / "docs" / "cli.md").read_text(encoding="utf-8") == cli_reference(), (
         "docs/cli.md is stale: run `python docs/scripts/gen_cli_reference.py`"
     )
+
+
+def test_train_takes_paraphrases_for_one_or_several_concepts(tmp_path: Path, capsys: Any) -> None:
+    base = ["train", "--base", "tiny:sd", "--preset", "styles", "--steps", "4", "--json"]
+    run_json(capsys, *base, "--erase", "Van Gogh", "--paraphrase", "Vincent", "--out", str(tmp_path / "one"))
+    one = CPEAdapter.from_pretrained(tmp_path / "one")
+    assert one.config.training["paraphrases"] == {"Van Gogh": ["Vincent"]}
+    two = [*base, "--erase", "Van Gogh", "--erase", "Claude Monet", "--out", str(tmp_path / "two")]
+    run_json(capsys, *two, "--paraphrase", "Claude Monet=the painter of water lilies")
+    both = CPEAdapter.from_pretrained(tmp_path / "two")
+    assert both.config.training["paraphrases"] == {"Claude Monet": ["the painter of water lilies"]}
+    assert main([*two, "--paraphrase", "Vincent"]) == 2, "ambiguous with several concepts"
+    assert "CONCEPT=TEXT" in capsys.readouterr().err

@@ -212,3 +212,34 @@ def test_card_figures_reach_the_model_card(pipe, trained, tmp_path):
     adapter.config.evaluation = figures
     card = (adapter.save_pretrained(tmp_path / "card") / "README.md").read_text(encoding="utf-8")
     assert "paraphrase_erase_score" in card and "Van Gough" in card
+
+
+# ----------------------------------------------------------------------------- user paraphrases
+DESCRIPTION = "the Dutch post-impressionist painter of sunflowers"
+
+
+def test_user_paraphrases_are_erased_next_to_the_concept(pipe, trained):
+    given = train_cpe(
+        pipe, "Van Gogh", preset="styles", steps=240, seed=0, paraphrases={"Van Gogh": [DESCRIPTION]}, **FAST
+    )
+    assert given.config.training["paraphrases"] == {"Van Gogh": [DESCRIPTION]}
+    assert given.config.training["variants"]["Van Gogh"] == [DESCRIPTION]
+    paper = _scores(pipe, trained["paper"], [DESCRIPTION])
+    with_list = _scores(pipe, given, [DESCRIPTION])
+    # A description shares no token with the name: the paper recipe leaves it alone, the list erases it.
+    assert with_list["paraphrase_erase_score"] > 0.1 > 10 * abs(paper["paraphrase_erase_score"])
+    assert with_list["erase_score"] > 0.8 * paper["erase_score"]
+
+
+@pytest.mark.parametrize(
+    ("paraphrases", "message"),
+    [
+        (["Vincent van Gogh"], "must map each concept"),
+        ({"Van Gogh": []}, "non-empty list"),
+        ({"Van Gogh": ["Vincent", "  "]}, "empty or non-string"),
+        ({"Claude Monet": ["Monet"]}, "not among the concepts"),
+    ],
+)
+def test_bad_paraphrases_are_refused_before_training(pipe, paraphrases, message):
+    with pytest.raises(CPEAdapterError, match=message):
+        train_cpe(pipe, "Van Gogh", preset="styles", steps=1, paraphrases=paraphrases, **FAST)

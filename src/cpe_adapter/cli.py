@@ -75,6 +75,23 @@ def _concepts(args: argparse.Namespace) -> list[str]:
     return concepts
 
 
+def _paraphrases(args: argparse.Namespace, concepts: list[str]) -> dict[str, list[str]] | None:
+    """``--paraphrase TEXT`` (one concept) or ``--paraphrase CONCEPT=TEXT`` as ``train_cpe``'s mapping."""
+    if not args.paraphrase:
+        return None
+    found: dict[str, list[str]] = {}
+    for given in args.paraphrase:
+        concept, sep, text = given.partition("=")
+        if not sep or concept.strip() not in concepts:
+            if len(concepts) != 1:
+                raise UsageError(
+                    f"--paraphrase {given!r}: with several concepts write CONCEPT=TEXT, CONCEPT one of {concepts}."
+                )
+            concept, text = concepts[0], given
+        found.setdefault(concept.strip(), []).append(text.strip())
+    return found
+
+
 def _load_adapters(pipe: Any, sources: Sequence[str], scales: Sequence[float] | None = None) -> list[str]:
     from .loaders import load_cpe_adapter, set_cpe_adapters
 
@@ -203,6 +220,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint_dir=checkpoints,
         resume_from=checkpoints if args.resume else None,
         recipe=args.recipe,
+        paraphrases=_paraphrases(args, concepts),
         **overrides,
     )
     seconds = time.perf_counter() - started
@@ -277,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neutral", help="phrase the concepts are moved toward (default: the preset's)")
     p.add_argument(
         "--recipe", choices=sorted(RECIPES), help="target-set recipe (default: paper, the method as published)"
+    )
+    p.add_argument(
+        "--paraphrase",
+        action="append",
+        metavar="TEXT",
+        help="another way to say the concept, erased with it (repeatable; CONCEPT=TEXT when erasing several)",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub repo")

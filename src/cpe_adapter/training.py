@@ -40,7 +40,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,7 +246,16 @@ EVAL_TEMPLATES = 8
 EVAL_ANCHORS = 32
 CHECKPOINT_STATE = "trainer_state.json"
 CHECKPOINT_FORMAT = "cpe-adapter-training-checkpoint"
-_RUN_OPTIONS = {"tie_gate_qk", "name", "warmup_steps", "templates", "log_every", "num_threads", "recipe"}
+_RUN_OPTIONS = {
+    "tie_gate_qk",
+    "name",
+    "warmup_steps",
+    "templates",
+    "log_every",
+    "num_threads",
+    "recipe",
+    "paraphrases",
+}
 
 
 @dataclass(frozen=True)
@@ -263,6 +272,7 @@ class TrainingPlan:
     anchors: tuple[str, ...] | None = None
     num_threads: int | None = None
     recipe: Recipe = field(default_factory=get_recipe)
+    paraphrases: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def stages(self) -> int:
@@ -282,7 +292,12 @@ class TrainingPlan:
             "optimizer": f"AdamW(weight_decay={WEIGHT_DECAY}), cosine per stage, {self.warmup_steps} warm-up steps",
             "anchor_noise": ANCHOR_NOISE,
             **self.recipe.to_dict(),
+            **({"paraphrases": {name: list(texts) for name, texts in self.paraphrases}} if self.paraphrases else {}),
         }
+
+    def paraphrases_of(self, concept: str) -> tuple[str, ...]:
+        """The user's paraphrases of ``concept`` (erase targets next to the concept itself)."""
+        return dict(self.paraphrases).get(concept, ())
 
 
 def stage_schedule(preset: Preset, steps: int | None) -> tuple[tuple[int, ...], int]:
@@ -344,8 +359,29 @@ def resolve_plan(
         anchors=None if anchors is None else tuple(str(a) for a in anchors),
         num_threads=run.get("num_threads"),
         recipe=get_recipe(run.get("recipe")),
+        paraphrases=_paraphrases(run.get("paraphrases")),
     )
     return plan, run.get("name")
+
+
+def _paraphrases(given: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``{concept: [other ways to say it]}`` as a plan field; a clear error for anything else."""
+    if given is None:
+        return ()
+    if not isinstance(given, Mapping):
+        raise CPEAdapterError(
+            f"`paraphrases` must map each concept to its other wordings, e.g. {{'Van Gogh': ['Vincent van Gogh']}}; "
+            f"got {type(given).__name__}."
+        )
+    checked = []
+    for concept, texts in given.items():
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(concept, str) or not isinstance(texts, Sequence) or not texts:
+            raise CPEAdapterError(f"`paraphrases[{concept!r}]` must be a non-empty list of strings.")
+        if any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise CPEAdapterError(f"`paraphrases[{concept!r}]` holds an empty or non-string entry: {texts!r:.120}.")
+        checked.append((concept, tuple(t.strip() for t in texts)))
+    return tuple(checked)
 
 
 def concept_specs(pipe: Any, concepts: Any, plan: TrainingPlan) -> list[ConceptSpec]:
@@ -922,7 +958,15 @@ def train_one(
         similar=plan.preset.similar_anchors,
         anchor_templates=plan.preset.anchor_templates,
     )
-    widened = augment_targets(context.pipe, data, spec.name, plan.recipe, domain=context.domain, seed=own_seed)
+    widened = augment_targets(
+        context.pipe,
+        data,
+        spec.name,
+        plan.recipe,
+        domain=context.domain,
+        seed=own_seed,
+        paraphrases=plan.paraphrases_of(spec.name),
+    )
     run = ConceptRun(
         context.stack, widened.data, spec, plan, own_seed, context.device, widened.weights, len(data.templates)
     )
@@ -1090,6 +1134,11 @@ def train_concepts(
     :func:`train_cpe` and :func:`cpe_adapter.distributed.train_many`."""
     plan, name = resolve_plan(preset, steps, anchors, overrides)
     specs = concept_specs(pipe, concepts, plan)
+    unknown = sorted({concept for concept, _ in plan.paraphrases} - {spec.name for spec in specs})
+    if unknown:
+        raise CPEAdapterError(
+            f"`paraphrases` names {unknown}, which are not among the concepts to erase {[s.name for s in specs]}."
+        )
     context = make_context(pipe, plan, device)
     checkpoint = None
     if checkpoint_dir is not None or resume_from is not None:
@@ -1125,6 +1174,7 @@ def train_cpe(
     checkpoint_dir: str | os.PathLike | None = None,
     resume_from: str | os.PathLike | None = None,
     recipe: str | None = None,
+    paraphrases: Mapping[str, Sequence[str]] | None = None,
     **overrides: Any,
 ) -> CPEAdapter:
     """Train a CPE eraser for one or more concepts on ``pipe``'s own text encoder and weights.
@@ -1154,6 +1204,11 @@ def train_cpe(
             ``"spans"``, ``"region"``, ``"typos"`` and ``"nearest"`` also erase variants generated
             from the concept (sub-spans, spellings, nearest vocabulary tokens, points of its
             embedding region); none of them beat ``"paper"`` on held-out paraphrases (docs).
+        paraphrases: ``{concept: [other ways to say it]}`` (the same mapping ``evaluate`` takes),
+            erased next to the concept: each paraphrase, filled into the templates, is pushed to
+            the concept's neutral phrase with its own erase target, in half of the erase draws from
+            the recipe's ``widen_from_stage`` on. For wordings no generator finds — descriptions
+            ("the Dutch painter of sunflowers"), nicknames, misspellings users really type.
         **overrides: any preset hyper-parameter (``eta``, ``neutral``, ``anchor_weight``, ``lr``,
             ``anchor_templates``, ``prompt_searches``, ...) and ``tie_gate_qk``, ``name`` (adapter
             name), ``warmup_steps``, ``templates``, ``log_every``, ``num_threads``.
@@ -1175,6 +1230,7 @@ def train_cpe(
         checkpoint_dir=checkpoint_dir,
         resume_from=resume_from,
         **({} if recipe is None else {"recipe": recipe}),
+        **({} if paraphrases is None else {"paraphrases": paraphrases}),
         **overrides,
     )
     return assemble(context, results, seed, steps, name)

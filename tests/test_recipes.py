@@ -223,12 +223,17 @@ def test_user_paraphrases_are_erased_next_to_the_concept(pipe, trained):
         pipe, "Van Gogh", preset="styles", steps=240, seed=0, paraphrases={"Van Gogh": [DESCRIPTION]}, **FAST
     )
     assert given.config.training["paraphrases"] == {"Van Gogh": [DESCRIPTION]}
-    assert given.config.training["variants"]["Van Gogh"] == [DESCRIPTION]
+    assert given.config.concept_names == ["Van Gogh", DESCRIPTION]
+    assert given.config.concepts[1].neutral == given.config.concepts[0].neutral
+    # The concept itself trains exactly as without paraphrases: its slice equals the paper run's.
+    paper_weights = trained["paper"].file_state_dict()
+    for key, value in given.file_state_dict().items():
+        assert torch.equal(value[:1], paper_weights[key])
     paper = _scores(pipe, trained["paper"], [DESCRIPTION])
     with_list = _scores(pipe, given, [DESCRIPTION])
     # A description shares no token with the name: the paper recipe leaves it alone, the list erases it.
-    assert with_list["paraphrase_erase_score"] > 0.1 > 10 * abs(paper["paraphrase_erase_score"])
-    assert with_list["erase_score"] > 0.8 * paper["erase_score"]
+    assert with_list["paraphrase_erase_score"] > 0.2 > 10 * abs(paper["paraphrase_erase_score"])
+    assert with_list["erase_score"] == pytest.approx(paper["erase_score"], rel=1e-3)
 
 
 @pytest.mark.parametrize(

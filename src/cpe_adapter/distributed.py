@@ -80,8 +80,6 @@ def train_many(
     everything itself, with identical results.
     """
     rank, world = process_layout()
-    count = 1 if isinstance(concepts, (str, ConceptSpec)) else len(concepts)
-    mine = [i for i in range(count) if i % world == rank]
     context, specs, results, name = train_concepts(
         pipe,
         concepts,
@@ -90,11 +88,12 @@ def train_many(
         steps=steps,
         seed=seed,
         device=device,
-        indices=mine,
+        shard=(rank, world),
         progress=progress,
         callback=callback,
         **overrides,
     )
+    mine = list(range(rank, len(specs), world))
     packed = [_pack(i, r) for i, r in zip(mine, results, strict=True)]
     if world > 1:
         gathered: list[Any] = [None] * world

@@ -144,8 +144,6 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 DEFAULT_RECIPE = "paper"
-# Share of the erase draws that go to the concept itself when only user paraphrases widen the set.
-PARAPHRASE_SHARE = 0.5
 
 
 def get_recipe(name: str | Recipe | None) -> Recipe:
@@ -245,11 +243,8 @@ def nearest_tokens(pipe: Any, concept: str, count: int, exclude: Sequence[str] =
     return found
 
 
-def concept_variants(
-    pipe: Any, concept: str, recipe: Recipe, exclude: Sequence[str] = (), extra: Sequence[str] = ()
-) -> list[str]:
-    """Other ways to say ``concept``: generated from the string (and the encoder's vocabulary) by
-    ``recipe``, then the user's own ``extra`` paraphrases.
+def concept_variants(pipe: Any, concept: str, recipe: Recipe, exclude: Sequence[str] = ()) -> list[str]:
+    """Other ways to say ``concept``, generated from the string (and the encoder's vocabulary) alone.
 
     Variants the tokenizer reads exactly as the concept (casing, for an uncased tokenizer) or as an
     earlier variant are dropped, so every variant adds a distinct prompt.
@@ -263,7 +258,6 @@ def concept_variants(
         candidates += typos(concept, recipe.typos)
     if recipe.nearest_tokens:
         candidates += nearest_tokens(pipe, concept, recipe.nearest_tokens, exclude)
-    candidates += [text.strip() for text in extra]
     tokenizer = tokenizers_of(pipe)[0]
     seen = {tuple(tokenizer(concept, add_special_tokens=False)["input_ids"])}
     kept = []
@@ -290,30 +284,17 @@ class AugmentedTargets:
 
 
 def augment_targets(
-    pipe: Any,
-    data: PromptSet,
-    concept: str,
-    recipe: Recipe,
-    *,
-    domain: str,
-    seed: int = 0,
-    paraphrases: Sequence[str] = (),
+    pipe: Any, data: PromptSet, concept: str, recipe: Recipe, *, domain: str, seed: int = 0
 ) -> AugmentedTargets:
-    """Widen ``data``'s target set according to ``recipe`` and with the user's ``paraphrases``
-    (unchanged for ``"paper"`` without paraphrases).
-
-    User paraphrases ("the Dutch painter of sunflowers") carry what no generator can: other
-    wordings with the concept's meaning. With a recipe that generates nothing itself, half of the
-    erase draws (:data:`PARAPHRASE_SHARE`) then go to them, from the recipe's ``widen_from_stage``.
-    """
-    if not recipe.augments and not paraphrases:
+    """Widen ``data``'s target set according to ``recipe`` (unchanged for ``"paper"``)."""
+    if not recipe.augments:
         return AugmentedTargets(data, None, [])
     if not 0.0 < recipe.concept_share <= 1.0:
         raise CPEAdapterError(f"concept_share must be in (0, 1], got {recipe.concept_share!r}.")
     keep = [*_anchor_concepts(data, data.anchor_prompts), *pools.concept_pool(domain), *pools.general_words(domain)]
     own = {w.lower() for w in re.findall(r"[A-Za-z]+", concept)}
     keep = [" ".join(w for w in re.findall(r"[A-Za-z]+", k) if w.lower() not in own) for k in keep]
-    variants = concept_variants(pipe, concept, recipe, exclude=keep, extra=paraphrases)
+    variants = concept_variants(pipe, concept, recipe, exclude=keep)
     if not variants:
         return AugmentedTargets(data, None, [])
     templates = data.templates
@@ -330,8 +311,7 @@ def augment_targets(
     target = torch.cat(rows)
     neutral_rows = data.neutral.repeat(len(rows), 1, 1)
     others = len(rows) - 1
-    share = recipe.concept_share if recipe.augments else PARAPHRASE_SHARE
-    share = share if others else 1.0
+    share = recipe.concept_share if others else 1.0
     weights = torch.cat([torch.full((n,), share / n), torch.full((n * others,), (1.0 - share) / (n * max(1, others)))])
     augmented = replace(data, target=target, neutral=neutral_rows, templates=list(templates) * len(rows))
     return AugmentedTargets(augmented, weights / weights.sum(), variants)

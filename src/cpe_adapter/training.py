@@ -295,10 +295,6 @@ class TrainingPlan:
             **({"paraphrases": {name: list(texts) for name, texts in self.paraphrases}} if self.paraphrases else {}),
         }
 
-    def paraphrases_of(self, concept: str) -> tuple[str, ...]:
-        """The user's paraphrases of ``concept`` (erase targets next to the concept itself)."""
-        return dict(self.paraphrases).get(concept, ())
-
 
 def stage_schedule(preset: Preset, steps: int | None) -> tuple[tuple[int, ...], int]:
     """Erase iterations per stage and attack iterations per adversarial stage.
@@ -402,6 +398,29 @@ def concept_specs(pipe: Any, concepts: Any, plan: TrainingPlan) -> list[ConceptS
     if len(set(names)) != len(names):
         raise CPEAdapterError(f"A concept is listed twice in {[s.name for s in specs]}; list each once.")
     return specs
+
+
+def with_paraphrases(pipe: Any, specs: list[ConceptSpec], plan: TrainingPlan) -> list[ConceptSpec]:
+    """``specs``, then each user paraphrase as a concept of its own with its concept's neutral and eta.
+
+    A paraphrase gets its own gate and residual: folded into its concept's target set instead, it
+    competes for the concept's rank-``r`` residual (a description has other tokens and another
+    erase direction), which on short, high-learning-rate runs shut the concept's own gate. As
+    separate concepts, the concepts themselves train exactly as without paraphrases.
+    """
+    by_name = {spec.name: spec for spec in specs}
+    unknown = sorted(concept for concept, _ in plan.paraphrases if concept not in by_name)
+    if unknown:
+        raise CPEAdapterError(
+            f"`paraphrases` names {unknown}, which are not among the concepts to erase {list(by_name)}."
+        )
+    added = []
+    for concept, texts in plan.paraphrases:
+        for text in texts:
+            if text not in by_name and all(text != spec.name for spec in added):
+                parent = by_name[concept]
+                added.append(ConceptSpec(check_concept(pipe, text), parent.neutral, parent.eta))
+    return [*specs, *added]
 
 
 def concept_seed(seed: int, index: int, name: str) -> int:
@@ -958,15 +977,7 @@ def train_one(
         similar=plan.preset.similar_anchors,
         anchor_templates=plan.preset.anchor_templates,
     )
-    widened = augment_targets(
-        context.pipe,
-        data,
-        spec.name,
-        plan.recipe,
-        domain=context.domain,
-        seed=own_seed,
-        paraphrases=plan.paraphrases_of(spec.name),
-    )
+    widened = augment_targets(context.pipe, data, spec.name, plan.recipe, domain=context.domain, seed=own_seed)
     run = ConceptRun(
         context.stack, widened.data, spec, plan, own_seed, context.device, widened.weights, len(data.templates)
     )
@@ -1123,22 +1134,18 @@ def train_concepts(
     steps: int | None = None,
     seed: int = 0,
     device: Any = None,
-    indices: Sequence[int] | None = None,
+    shard: tuple[int, int] | None = None,
     progress: bool = True,
     callback: Callback | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume_from: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> tuple[TrainingContext, list[ConceptSpec], list[ConceptResult], str | None]:
-    """Train the concepts at ``indices`` (default: all) of ``concepts``; the building block of
+    """Train ``concepts`` (with the user's paraphrases as concepts of their own, after them), or with
+    ``shard=(rank, world)`` every ``world``-th of them from ``rank`` on; the building block of
     :func:`train_cpe` and :func:`cpe_adapter.distributed.train_many`."""
     plan, name = resolve_plan(preset, steps, anchors, overrides)
-    specs = concept_specs(pipe, concepts, plan)
-    unknown = sorted({concept for concept, _ in plan.paraphrases} - {spec.name for spec in specs})
-    if unknown:
-        raise CPEAdapterError(
-            f"`paraphrases` names {unknown}, which are not among the concepts to erase {[s.name for s in specs]}."
-        )
+    specs = with_paraphrases(pipe, concept_specs(pipe, concepts, plan), plan)
     context = make_context(pipe, plan, device)
     checkpoint = None
     if checkpoint_dir is not None or resume_from is not None:
@@ -1152,7 +1159,8 @@ def train_concepts(
             if Path(resume_from).resolve() != checkpoint.directory.resolve():
                 for key in source.concepts:
                     checkpoint.save(int(key), source.tensors(int(key)), source.concepts[key])
-    chosen = range(len(specs)) if indices is None else indices
+    rank, world = (0, 1) if shard is None else shard
+    chosen = range(rank, len(specs), world)
     results = [
         train_one(context, specs[i], i, seed, progress=progress, callback=callback, checkpoint=checkpoint)
         for i in chosen
@@ -1204,11 +1212,12 @@ def train_cpe(
             ``"spans"``, ``"region"``, ``"typos"`` and ``"nearest"`` also erase variants generated
             from the concept (sub-spans, spellings, nearest vocabulary tokens, points of its
             embedding region); none of them beat ``"paper"`` on held-out paraphrases (docs).
-        paraphrases: ``{concept: [other ways to say it]}`` (the same mapping ``evaluate`` takes),
-            erased next to the concept: each paraphrase, filled into the templates, is pushed to
-            the concept's neutral phrase with its own erase target, in half of the erase draws from
-            the recipe's ``widen_from_stage`` on. For wordings no generator finds — descriptions
-            ("the Dutch painter of sunflowers"), nicknames, misspellings users really type.
+        paraphrases: ``{concept: [other ways to say it]}`` (the mapping ``evaluate`` takes): wordings
+            no generator finds — descriptions ("the Dutch painter of sunflowers"), nicknames, the
+            misspellings users type. Each becomes a concept of its own after the given ones (its
+            own gate and residual, the concept's neutral phrase and eta), so the concepts
+            themselves train exactly as without it; a paraphrase equal to a concept, or repeated,
+            is skipped.
         **overrides: any preset hyper-parameter (``eta``, ``neutral``, ``anchor_weight``, ``lr``,
             ``anchor_templates``, ``prompt_searches``, ...) and ``tie_gate_qk``, ``name`` (adapter
             name), ``warmup_steps``, ``templates``, ``log_every``, ``num_threads``.

@@ -32,7 +32,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -339,6 +339,19 @@ def cell(name: str, value: float | None, digits: int = 4) -> str:
     return text
 
 
+def paraphrase_lines(rows: list[dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> list[str]:
+    """One line per row: each paraphrase's erase score and (in brackets) its mean largest token gate."""
+    lines = []
+    for row in rows:
+        parts = [
+            f"{phrase} {score:.4f} ({row['mean_max_token_gate'][phrase]:.2f})"
+            for phrase, score in row["per_paraphrase"].items()
+        ]
+        own = row["mean_max_token_gate"][row["concept"]]
+        lines.append(f"- {label(row)}: trained name gate {own:.2f}; " + "; ".join(parts))
+    return lines
+
+
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
     lines = [
         f"Command: `{command}`",
@@ -373,13 +386,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "Per paraphrase: paraphrase erase score (mean largest token gate over the held-out templates).",
         "",
     ]
-    for row in rows:
-        parts = [
-            f"{phrase} {score:.4f} ({row['mean_max_token_gate'][phrase]:.2f})"
-            for phrase, score in row["per_paraphrase"].items()
-        ]
-        own = row["mean_max_token_gate"][row["concept"]]
-        lines.append(f"- {row['concept']} / {row['variant']}: trained name gate {own:.2f}; " + "; ".join(parts))
+    lines += paraphrase_lines(rows, lambda row: f"{row['concept']} / {row['variant']}")
     seen: dict[str, list[str]] = {r["concept"]: r["neighbours"] for r in rows}
     lines += ["", "Neighbours: " + "; ".join(f"{c}: {', '.join(n)}" for c, n in seen.items())]
     return "\n".join(lines) + "\n"

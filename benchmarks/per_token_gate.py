@@ -289,15 +289,7 @@ def markdown(rows: list[dict[str, Any]], checks: dict[str, Any], command: str) -
         "Per paraphrase: paraphrase erase score (mean largest token gate over the held-out templates).",
         "",
     ]
-    for row in rows:
-        parts = [
-            f"{phrase} {score:.4f} ({row['mean_max_token_gate'][phrase]:.2f})"
-            for phrase, score in row["per_paraphrase"].items()
-        ]
-        own = row["mean_max_token_gate"][row["concept"]]
-        lines.append(
-            f"- {row['concept']} / {row['gate']} / {row['variant']}: trained name gate {own:.2f}; " + "; ".join(parts)
-        )
+    lines += calib.paraphrase_lines(rows, lambda row: f"{row['concept']} / {row['gate']} / {row['variant']}")
     seen = {r["concept"]: r["neighbours"] for r in rows}
     lines += ["", "Neighbours: " + "; ".join(f"{c}: {', '.join(n)}" for c, n in seen.items())]
     lines += ["", "Checks: " + json.dumps(checks)]

@@ -296,9 +296,11 @@ class CPERuntime:
         active, scales = self.selection()
         return self.enabled and any(scales.get(name, 0.0) != 0.0 for name in active)
 
-    def routing_key(self) -> tuple:
-        """What the routed residual depends on besides the embedding: who takes part, at what scale."""
-        return tuple((name, id(adapter), scale) for name, adapter, scale in self.participants())
+    def routing_key(self, participants: list[tuple[str, CPEAdapter, float]] | None = None) -> tuple:
+        """What the routed residual depends on besides the embedding: who takes part, at what scale
+        (of ``participants`` when the caller has them already)."""
+        participants = self.participants() if participants is None else participants
+        return tuple((name, id(adapter), scale) for name, adapter, scale in participants)
 
     @contextlib.contextmanager
     def thread_selection(self, names: list[str], scales: dict[str, float]) -> Iterator[None]:
@@ -541,7 +543,7 @@ class CPERuntime:
         squeeze = embeds.dim() == 2
         if squeeze:
             embeds = embeds.unsqueeze(0)
-        state = (self.generation, self.routing_key(), like.dtype, like.device)
+        state = (self.generation, self.routing_key(participants), like.dtype, like.device)
         if torch.is_grad_enabled() and any(p.requires_grad for _, a, _ in participants for p in a.parameters()):
             sets = concept_sets(participants)  # stacked copies would carry this call's autograd graph
         else:

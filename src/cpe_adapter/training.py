@@ -415,10 +415,12 @@ def with_paraphrases(pipe: Any, specs: list[ConceptSpec], plan: TrainingPlan) ->
             f"`paraphrases` names {unknown}, which are not among the concepts to erase {list(by_name)}."
         )
     added = []
+    seen = set(by_name)
     for concept, texts in plan.paraphrases:
+        parent = by_name[concept]
         for text in texts:
-            if text not in by_name and all(text != spec.name for spec in added):
-                parent = by_name[concept]
+            if text not in seen:
+                seen.add(text)
                 added.append(ConceptSpec(check_concept(pipe, text), parent.neutral, parent.eta))
     return [*specs, *added]
 

@@ -299,45 +299,84 @@ def best_load_time(folders: list[Path], device: str) -> float:
 
 
 # ------------------------------------------------------------------------ per-prompt routing
+def softmax_routing(embeds: torch.Tensor, gate_a, gate_b, gate_v, chunk: int = 128):
+    """The previous routing kernel, the baseline: normalised softmax, then a batched ``matmul`` for the
+    gates; returns what :func:`cpe_adapter.gate.best_concepts` returns."""
+    batch, tokens, dim = embeds.shape
+    flat = embeds.reshape(batch * tokens, dim)
+    projected = flat @ gate_v.T
+    best_gate = best_index = best_rows = None
+    for start in range(0, gate_a.shape[0], chunk):
+        stop = min(start + chunk, gate_a.shape[0])
+        queries = torch.matmul(flat, gate_a[start:stop]).view(stop - start, batch, tokens, -1)
+        keys = torch.matmul(flat, gate_b[start:stop]).view(stop - start, batch, tokens, -1)
+        mixing = torch.softmax(queries @ keys.transpose(-1, -2), dim=-1)
+        columns = projected[:, start:stop].T.reshape(stop - start, batch, tokens, 1)
+        gates = torch.sigmoid((mixing @ columns).squeeze(-1))
+        index = gates.argmax(dim=0)
+        found = gates.gather(0, index.unsqueeze(0)).squeeze(0)
+        rows = mixing.gather(0, index[None, :, :, None].expand(1, *mixing.shape[1:])).squeeze(0)
+        if best_gate is None:
+            best_gate, best_index, best_rows = found, index, rows
+            continue
+        better = found > best_gate
+        best_gate = torch.where(better, found, best_gate)
+        best_index = torch.where(better, index + start, best_index)
+        best_rows = torch.where(better.unsqueeze(-1), rows, best_rows)
+    return best_gate, best_index, best_rows @ embeds
+
+
 def routing_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """``gate.best_concepts`` + ``gate.routed_residual`` at SD 1.5 dimensions (d=768, m=16, 32 projections).
+    """``gate.best_concepts`` + ``gate.routed_residual`` at SD 1.5 (d=768) or tiny (d=32) dimensions.
 
     Random gate and residual weights (every gate in play), one prompt batch of 77 tokens per call;
-    routing and residual are timed interleaved, the first round warms up.
+    routing, the previous softmax routing kernel (:func:`softmax_routing`, the baseline) and the
+    residual are timed interleaved, the first round warms up.
     """
-    with torch.device("meta"):
-        layers = find_target_layers(sd15_unet())
+    if args.routing_model == "tiny":
+        layers = find_target_layers(tiny_pipeline("sd").unet)
+    else:
+        with torch.device("meta"):
+            layers = find_target_layers(sd15_unet())
     sizes = [t.out_features for t in layers]
-    dim, rank, tokens, batch = 768, 16, 77, 2 * args.batch
+    dim, rank, tokens, batch = layers[0].in_features, 16, 77, 2 * args.batch
     generator = torch.Generator().manual_seed(0)
     embeds = torch.randn(batch, tokens, dim, generator=generator)
     rows = []
     print(
-        "\n### Per-prompt routing, SD 1.5 dimensions (d=768, m=16, 32 projections, UNet batch "
-        f"{batch}, {torch.get_num_threads()} thread(s))\n"
+        f"\n### Per-prompt routing, {args.routing_model} dimensions (d={dim}, m={rank}, {len(layers)} projections, "
+        f"UNet batch {batch}, {torch.get_num_threads()} thread(s))\n"
     )
-    print("| concepts | routing ms (min / median) | residual ms (min / median) |\n|---|---|---|")
+    print(
+        "| concepts | routing ms (min / median) | previous kernel ms (min / median) | routing / previous (min) "
+        "| residual ms (min / median) |\n|---|---|---|---|---|"
+    )
     for count in (int(c) for c in args.concepts.split(",") if c):
         gate_a = torch.randn(count, dim, rank, generator=generator) * 0.05
         gate_b = torch.randn(count, dim, rank, generator=generator) * 0.05
         gate_v = torch.randn(count, dim, generator=generator) * 0.05
         down = torch.randn(count, dim, len(layers), generator=generator) * 0.05
         up = torch.randn(count, 1, sum(sizes), generator=generator) * 0.05
-        times: dict[str, list[float]] = {"routing": [], "residual": []}
+        times: dict[str, list[float]] = {"routing": [], "previous": [], "residual": []}
         with torch.no_grad():
             for _ in range(args.reps + 1):  # interleaved; the first round warms up
                 start = time.perf_counter()
                 _, index, mixed = gate.best_concepts(embeds, gate_a, gate_b, gate_v)
                 times["routing"].append(time.perf_counter() - start)
                 start = time.perf_counter()
+                previous = softmax_routing(embeds, gate_a, gate_b, gate_v)
+                times["previous"].append(time.perf_counter() - start)
+                start = time.perf_counter()
                 gate.routed_residual(mixed.reshape(-1, dim), index.reshape(-1), down, up, sizes, 1)
                 times["residual"].append(time.perf_counter() - start)
+            torch.testing.assert_close(previous[2], mixed, rtol=1e-4, atol=1e-4)  # the same routing
         figures = {key: [t * 1e3 for t in value[1:]] for key, value in times.items()}
         rows.append({"concepts": count, **{f"{k}_ms": v for k, v in figures.items()}})
         low = {k: min(v) for k, v in figures.items()}
         mid = {k: statistics.median(v) for k, v in figures.items()}
         print(
-            f"| {count} | {low['routing']:.1f} / {mid['routing']:.1f} | {low['residual']:.1f} / {mid['residual']:.1f} |"
+            f"| {count} | {low['routing']:.2f} / {mid['routing']:.2f} | {low['previous']:.2f} / {mid['previous']:.2f} "
+            f"| {low['routing'] / low['previous']:.2f}x | {low['residual']:.2f} / {mid['residual']:.2f} |"
         )
     return {"routing": rows}
 
@@ -360,7 +399,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="write all figures here")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 2 reps, up to 100 concepts")
-    parser.add_argument("--routing", action="store_true", help="per-prompt routing micro-benchmark (SD 1.5 dims)")
+    parser.add_argument("--routing", action="store_true", help="per-prompt routing micro-benchmark")
+    parser.add_argument("--routing-model", default="sd15", choices=["sd15", "tiny"], help="dimensions for --routing")
     parser.add_argument(
         "--cold", action="store_true", help="time the first call after loading (default: after one untimed call)"
     )

@@ -228,6 +228,20 @@ def test_best_concepts_float32_matches_float64_reference(kind):
         torch.testing.assert_close(mixed.double(), rows @ case[0].double(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["random", "shut"])
+def test_duplicated_concepts_tie_exactly_in_float32(kind):
+    """A concept's gate has the same bits wherever it sits (any chunk, any place in it), so a duplicate
+    appended after the originals never wins, and the originals route exactly as they do alone."""
+    case = [t.float() for t in routing_case(7, 40, dim=32, tokens=77, kind=kind)]
+    embeds, concepts = case[0], case[1:]
+    doubled = [torch.cat([t, t]) for t in concepts]  # concepts 40..79 repeat 0..39
+    for chunk in (3, 16, 128):
+        gate, index, mixed = best_concepts(embeds, *doubled, chunk=chunk)
+        alone = best_concepts(embeds, *concepts, chunk=chunk)
+        assert bool((index < 40).all()), (kind, chunk)
+        assert torch.equal(index, alone[1]) and torch.equal(gate, alone[0]) and torch.equal(mixed, alone[2])
+
+
 def test_best_concepts_gradients_match_brute_force():
     embeds, gate_a, gate_b, gate_v = routing_case(11, 40, kind="random")
     grads = []

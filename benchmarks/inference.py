@@ -298,6 +298,68 @@ def best_load_time(folders: list[Path], device: str) -> float:
     return min(times)
 
 
+# ------------------------------------------------------------------ per-step and per-prompt cost
+def split_timing(pipe, variants: list[Variant], args: argparse.Namespace, size: int, setting: str) -> dict[str, Any]:
+    """The UNet alone, split into what an eraser costs per denoising step and once per prompt.
+
+    Per round and variant (interleaved, rotated): one untimed call on a prompt of its own (the
+    negative prompt's routing is then remembered, as on a server), then the *first* call on a new
+    prompt (routing, residual, integrity scan, K/V of every layer) and ``--split-steps`` further
+    calls on that same prompt (served from the per-prompt cache). "per-prompt extra" is the first
+    call minus one cached step, against the same difference for the base.
+    """
+    unet = denoiser_of(pipe)
+    device, dtype = unet.device, unet.dtype
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2 * args.batch, unet.config.in_channels, size // 8, size // 8, generator=generator)
+    latents, timestep = latents.to(device, dtype), torch.tensor(500, device=device)
+
+    def new_prompt() -> torch.Tensor:
+        positive, negative = pipe.encode_prompt(f"{PROMPT}, study {next(CALLS)}", device, args.batch, True, "")
+        return torch.cat([negative, positive])
+
+    def unet_call(embeds: torch.Tensor) -> float:
+        synchronize(args.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            unet(latents, timestep, encoder_hidden_states=embeds)
+        synchronize(args.device)
+        return time.perf_counter() - start
+
+    figures: dict[str, dict[str, list[float]]] = {v.name: {"first": [], "step": []} for v in variants}
+    for rep in range(-1, args.reps):
+        order = variants[rep % len(variants) :] + variants[: rep % len(variants)] if rep >= 0 else variants
+        for variant in order:
+            variant.setup()
+            try:
+                unet_call(new_prompt())
+                embeds = new_prompt()
+                first = unet_call(embeds)
+                steps = [unet_call(embeds) for _ in range(args.split_steps)]
+            finally:
+                variant.teardown()
+            if rep >= 0:
+                figures[variant.name]["first"].append(first)
+                figures[variant.name]["step"].append(statistics.median(steps))
+    base = figures[variants[0].name]
+    base_step = min(base["step"]), statistics.median(base["step"])
+    base_extra = statistics.median(f - s for f, s in zip(base["first"], base["step"], strict=True))
+    print(f"\n### {setting}: UNet per step and per prompt ({args.split_steps} cached steps per round)\n")
+    print("| variant | step ms (min / median) | step ratio (min / median) | per-prompt extra ms (median) |")
+    print("|---|---|---|---|")
+    rows = []
+    for variant in variants:
+        times = figures[variant.name]
+        step = min(times["step"]), statistics.median(times["step"])
+        extra = statistics.median(f - s for f, s in zip(times["first"], times["step"], strict=True)) - base_extra
+        rows.append({"variant": variant.name, "step_s": times["step"], "first_s": times["first"], "extra_s": extra})
+        print(
+            f"| {variant.name} | {step[0] * 1e3:.2f} / {step[1] * 1e3:.2f} | {step[0] / base_step[0]:.3f}x / "
+            f"{step[1] / base_step[1]:.3f}x | {extra * 1e3:.2f} |"
+        )
+    return {"title": f"{setting}, split", "rows": rows}
+
+
 # ------------------------------------------------------------------------ per-prompt routing
 def softmax_routing(embeds: torch.Tensor, gate_a, gate_b, gate_v, chunk: int = 128):
     """The previous routing kernel, the baseline: normalised softmax, then a batched ``matmul`` for the
@@ -406,6 +468,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--memo-off", action="store_true", help="also time the most concepts with the routing memo off")
     parser.add_argument("--no-files", action="store_true", help="skip the adapter file size / load time section")
+    parser.add_argument(
+        "--split", action="store_true", help="time the UNet alone: per denoising step and once per prompt, eager"
+    )
+    parser.add_argument("--split-steps", type=int, default=20, help="cached steps per round with --split")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if args.quick:
@@ -427,6 +493,8 @@ def run_model(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         pipe, concepts, args.stacked, dtype, args.device, lora=not args.no_lora, memo_off=args.memo_off
     )
     setting = f"{args.device} {args.dtype}, {size} px, {args.steps} steps, batch {args.batch} (+CFG)"
+    if args.split:
+        return [split_timing(pipe, variants, args, size, f"{model}, eager, {args.device} {args.dtype}, {size} px")]
     run_interleaved(pipe, variants, args, size)
     results = [report(f"{model}, eager, {setting}", pipe, variants, args)]
     if args.compile:

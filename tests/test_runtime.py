@@ -12,6 +12,7 @@ from torch import nn
 import cpe_adapter
 from conftest import OTHER_PROMPT, PROMPT, generate, random_adapter, set_random_weights, unet_inputs, unet_output
 from cpe_adapter import CPEAdapterError, ErasureIntegrityError
+from cpe_adapter import runtime as runtime_module
 from cpe_adapter.layer import CPELinear
 from cpe_adapter.runtime import cross_attention_modules, get_runtime
 from cpe_adapter.testing import tiny_pipeline
@@ -288,6 +289,51 @@ def test_replaced_projection_fails_closed(sd_pipe):
     attn.to_v = nn.Linear(attn.to_v.in_features, attn.to_v.out_features, bias=False)
     with pytest.raises(ErasureIntegrityError, match="to_v"):
         unet_output(sd_pipe, unet_inputs(sd_pipe))
+
+
+def test_attention_block_swapped_mid_prompt_fails_closed(sd_pipe):
+    """A whole cross-attention module replaced while a prompt's projections are cached: the next call of
+    that very prompt (no new cache entry, so no per-prompt check) still refuses to run unerased."""
+    sd_pipe.load_cpe_adapter(random_adapter(sd_pipe), adapter_name="eraser")
+    inputs = unet_inputs(sd_pipe)
+    unet_output(sd_pipe, inputs)  # cached
+    path, _ = cross_attention_modules(sd_pipe.unet)[-1]
+    parent_path, _, name = path.rpartition(".")
+    fresh = dict(tiny_pipeline("sd").unet.named_modules())[path]  # plain to_k / to_v
+    setattr(sd_pipe.unet.get_submodule(parent_path), name, fresh)
+    with pytest.raises(ErasureIntegrityError, match="replaced"):
+        unet_output(sd_pipe, inputs)
+
+
+def test_integrity_scan_runs_again_only_after_a_registration(sd_pipe, monkeypatch):
+    sd_pipe.load_cpe_adapter(random_adapter(sd_pipe), adapter_name="eraser")
+    unet_output(sd_pipe, unet_inputs(sd_pipe, seed=0))
+    scans = []
+    original = runtime_module.cross_attention_modules
+    monkeypatch.setattr(runtime_module, "cross_attention_modules", lambda d: scans.append(1) or original(d))
+    for seed in (1, 2, 3):  # new prompts, nothing registered: no scan
+        unet_output(sd_pipe, unet_inputs(sd_pipe, seed=seed))
+    assert scans == []
+    sd_pipe.unet.register_buffer("unrelated", torch.zeros(1))  # buffers are not modules or parameters
+    unet_output(sd_pipe, unet_inputs(sd_pipe, seed=4))
+    assert scans == []
+    sd_pipe.unet.add_module("extra", nn.Identity())  # any registration: one scan, then none again
+    for seed in (5, 6):
+        unet_output(sd_pipe, unet_inputs(sd_pipe, seed=seed))
+    assert len(scans) == 1
+    sd_pipe.set_cpe_adapters("eraser", scales=0.5)  # a change of adapters or scales: one scan
+    unet_output(sd_pipe, unet_inputs(sd_pipe, seed=7))
+    assert len(scans) == 2
+
+
+def test_weight_swapped_through_data_is_caught_without_a_registration(sd_pipe):
+    sd_pipe.load_cpe_adapter(random_adapter(sd_pipe), adapter_name="eraser")
+    unet_output(sd_pipe, unet_inputs(sd_pipe))
+    _, attn = cross_attention_modules(sd_pipe.unet)[0]
+    linear = attn.to_k
+    linear.weight.data = torch.zeros(linear.out_features + 1, linear.in_features)
+    with pytest.raises(ErasureIntegrityError, match="shape"):
+        unet_output(sd_pipe, unet_inputs(sd_pipe, seed=1))
 
 
 def test_one_adapter_object_in_two_pipelines_of_different_dtypes():

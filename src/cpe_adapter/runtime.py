@@ -53,6 +53,27 @@ NO_CACHE_ENV = "CPE_ADAPTER_NO_CACHE"
 _no_cache_depth = 0
 
 
+# ------------------------------------------------------------------------------ module-tree edits
+# A submodule or parameter registered (``setattr``, ``add_module``, ``ModuleList.append``,
+# ``register_parameter``) on any module of a denoiser with adapters counts as a possible edit of its
+# tree, so :meth:`CPERuntime.verify` rescans the whole tree only when something was registered there
+# since its last scan. (Registrations elsewhere, such as the temporary ``ModuleList`` a UNet makes
+# when it slices one, do not count.) Edits that bypass registration (writing ``_modules`` directly)
+# are caught for the wrapped projections themselves by the per-call slot check.
+_tree_edits = 0
+_watched_modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _count_tree_edit(module: nn.Module, name: str, value: Any) -> None:
+    global _tree_edits
+    if module in _watched_modules:
+        _tree_edits += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_tree_edit)
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_tree_edit)
+
+
 # ------------------------------------------------------------------------------ model discovery
 def denoiser_of(pipe_or_model: Any) -> nn.Module:
     """The UNet of a pipeline (or the model itself when given a bare UNet)."""
@@ -227,6 +248,7 @@ class CPERuntime:
         self._hooks: list[Any] = []
         self._wrappers: list[CPELinear] = []
         self._slots: list[tuple[nn.Module, str, CPELinear]] = []
+        self._verified: tuple | None = None  # (tree edits, generation) at the last full scan that passed
         config = getattr(denoiser, "config", None)
         self._embeds_reach_layers = getattr(config, "encoder_hid_dim_type", None) not in _PROJECTED_TEXT
         self._thread_selections = 0
@@ -439,11 +461,25 @@ class CPERuntime:
         self.clear_cache()
         self._wrappers, self._slots = [], []
 
-    def verify(self) -> None:
-        """Fail closed: raise if an active erasure could not be applied by the next forward."""
+    def verify(self, full: bool = False) -> None:
+        """Fail closed: raise if an active erasure could not be applied by the next forward.
+
+        The whole module tree is scanned only when a submodule or parameter was registered anywhere
+        since the last scan that passed, the adapters changed, or ``full`` is set; otherwise the
+        wrapped projections' shapes are checked (a ``.data`` swap registers nothing).
+        """
         if not self.applies():
             return
+        edits = _tree_edits
+        if not full and self._verified == (edits, self.generation):
+            for wrapper in self._wrappers:
+                if wrapper.weight.shape != (wrapper.out_features, wrapper.in_features):
+                    break
+            else:
+                return
+        self._verified = None
         denoiser = self.denoiser_ref()
+        _watched_modules.update(denoiser.modules())
         attentions = cross_attention_modules(denoiser)
         wrapped = 0
         for path, attn in attentions:
@@ -468,18 +504,22 @@ class CPERuntime:
                 f"The UNet now has {wrapped} cross-attention projections, the erasure was attached to "
                 f"{len(self.layers)}; reload the adapters."
             )
+        self._verified = (edits, self.generation)
 
     def _check_slots(self) -> None:
         """Per-forward integrity check: each wrapper still where it was put, no fused projections.
 
-        Costs a few dictionary lookups per layer; anything unusual falls through to the full
-        :meth:`verify` (which also runs on every new prompt).
+        Costs a few dictionary lookups per layer and one counter comparison; after any submodule
+        or parameter registration, or anything unusual here, it falls through to :meth:`verify`,
+        which rescans the whole tree (a block swapped in between two steps of one prompt included).
         """
+        if self._verified != (_tree_edits, self.generation):
+            self.verify()
         for attn, proj, wrapper in self._slots:
             module = attn._modules.get(proj)
             moved = module is not wrapper and innermost_linear(module)[2] is not wrapper
             if moved or (attn.__dict__.get("fused_projections", False) and _is_fused(attn)):
-                self.verify()
+                self.verify(full=True)
                 return
 
     # ---------------------------------------------------------------------------- forward hooks

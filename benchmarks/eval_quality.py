@@ -74,14 +74,24 @@ def _slug(text: str) -> str:
 
 
 def _adapter(
-    pipe: Any, concept: str, preset: str, overrides: dict, cache: Path, steps: int | None, anchors: list[str] | None
+    pipe: Any,
+    concept: str,
+    preset: str,
+    overrides: dict,
+    cache: Path,
+    steps: int | None,
+    anchors: list[str] | None,
+    seed: int = 0,
 ) -> CPEAdapter:
     tag = f"{_slug(json.dumps(overrides)) or 'default'}-{steps or 'full'}-{len(anchors) if anchors else 'all'}"
+    tag += f"-seed{seed}" if seed else ""
     folder = cache / f"{_slug(concept)}-{preset}-{tag}"
     if (folder / "cpe_adapter.safetensors").exists():
         return CPEAdapter.from_pretrained(folder)
     started = time.perf_counter()
-    adapter = train_cpe(pipe, concept, preset=preset, seed=0, steps=steps, anchors=anchors, progress=True, **overrides)
+    adapter = train_cpe(
+        pipe, concept, preset=preset, seed=seed, steps=steps, anchors=anchors, progress=True, **overrides
+    )
     print(f"trained {concept!r} ({preset}, {overrides or 'default'}) in {time.perf_counter() - started:.0f} s")
     adapter.save_pretrained(folder)
     return adapter
@@ -91,15 +101,18 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     pipe = tiny_pipeline("sd-semantic")
     out, cache = Path(args.out), Path(args.cache)
     rows = []
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     for concept, preset, paraphrases in CASES:
+        if args.concepts and concept not in args.concepts.split(","):
+            continue
         neighbours = similar_concepts(pipe, concept, concept_pool(preset), 5)
         anchors = None
         if args.anchors:
             # a reduced anchor set: the first general words and the most similar pool concepts
             half = args.anchors // 2
             anchors = general_words(preset)[:half] + similar_concepts(pipe, concept, concept_pool(preset), half)
-        for variant, overrides in VARIANTS.items():
-            adapter = _adapter(pipe, concept, preset, overrides, cache, args.steps, anchors)
+        for seed, (variant, overrides) in ((s, v) for s in seeds for v in VARIANTS.items()):
+            adapter = _adapter(pipe, concept, preset, overrides, cache, args.steps, anchors, seed)
             load_cpe_adapter(pipe, adapter, adapter_name="eraser")
             try:
                 started = time.perf_counter()
@@ -129,13 +142,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 seconds = time.perf_counter() - started
             finally:
                 unload_cpe_adapter(pipe, "eraser")
-            main.save(out / f"{_slug(concept)}-{_slug(variant)}")
+            main.save(out / f"{_slug(concept)}-{_slug(variant)}{f'-seed{seed}' if seed else ''}")
             figures, other = main.figures, unrelated.figures
             rows.append(
                 {
                     "concept": concept,
                     "preset": preset,
-                    "variant": variant,
+                    "variant": variant if len(seeds) == 1 else f"{variant}, seed {seed}",
+                    "seed": seed,
                     "neighbours": neighbours,
                     "erase_score": figures.get("erase_score"),
                     "paraphrase_erase_score": figures.get("paraphrase_erase_score"),
@@ -198,6 +212,8 @@ def main() -> None:
     parser.add_argument("--attack-prompts", type=int, default=1, help="held-out prompts attacked per concept")
     parser.add_argument("--image-prompts", type=int, default=2)
     parser.add_argument("--image-steps", type=int, default=4)
+    parser.add_argument("--seeds", default="0", help="training seeds, comma-separated (each variant per seed)")
+    parser.add_argument("--concepts", default="", help="only these concepts, comma-separated (default: all)")
     args = parser.parse_args()
     rows = run(args)
     out = Path(args.out)
@@ -210,9 +226,11 @@ def main() -> None:
         "attack_prompts": 1,
         "image_prompts": 2,
         "image_steps": 4,
+        "seeds": "0",
+        "concepts": "",
     }
     command = "python benchmarks/eval_quality.py" + "".join(
-        f" --{key.replace('_', '-')} {getattr(args, key)}"
+        f" --{key.replace('_', '-')} {json.dumps(getattr(args, key)) if key == 'concepts' else getattr(args, key)}"
         for key, value in defaults.items()
         if getattr(args, key) != value
     )

@@ -305,8 +305,9 @@ def split_timing(pipe, variants: list[Variant], args: argparse.Namespace, size: 
     Per round and variant (interleaved, rotated): one untimed call on a prompt of its own (the
     negative prompt's routing is then remembered, as on a server), then the *first* call on a new
     prompt (routing, residual, integrity scan, K/V of every layer) and ``--split-steps`` further
-    calls on that same prompt (served from the per-prompt cache). "per-prompt extra" is the first
-    call minus one cached step, against the same difference for the base.
+    calls on that same prompt (served from the per-prompt cache), of which the fastest is the
+    round's step time. "per-prompt extra" is the first call minus one cached step, against the
+    same difference for the base.
     """
     unet = denoiser_of(pipe)
     device, dtype = unet.device, unet.dtype
@@ -340,7 +341,7 @@ def split_timing(pipe, variants: list[Variant], args: argparse.Namespace, size: 
                 variant.teardown()
             if rep >= 0:
                 figures[variant.name]["first"].append(first)
-                figures[variant.name]["step"].append(statistics.median(steps))
+                figures[variant.name]["step"].append(min(steps))
     base = figures[variants[0].name]
     base_step = min(base["step"]), statistics.median(base["step"])
     base_extra = statistics.median(f - s for f, s in zip(base["first"], base["step"], strict=True))

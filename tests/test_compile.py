@@ -97,6 +97,25 @@ def test_compiled_unet_follows_prompts_scales_and_active_set_without_recompiling
     assert backend.graphs <= warm + 1  # on/off selects one of two graphs
 
 
+def test_compiled_first_with_erasure_off_then_on_compiles_two_graphs():
+    """Compiled while erasure is off (so no integrity scan has run yet), then switched on and fed new
+    prompts: the integrity bookkeeping (its watched-module set, filled by the first scan) must not
+    become a guard of the graph; erasure on and off are the only two graphs."""
+    fresh = tiny_pipeline("sd")
+    fresh.load_cpe_adapter(random_adapter(fresh, 2, seed=3), "only")
+    unet = denoiser_of(fresh)
+    backend = CountingBackend()
+    compiled = torch.compile(unet, backend=backend)
+    fresh.disable_cpe_adapters()
+    assert torch.equal(*compare(compiled, unet, embeddings(5), 0))
+    fresh.enable_cpe_adapters()
+    for step, seed in enumerate([5, 6, 7]):
+        assert torch.equal(*compare(compiled, unet, embeddings(seed), step))
+    fresh.unet.add_module("unrelated_extra", torch.nn.Identity())  # a registration: the next call rescans
+    assert torch.equal(*compare(compiled, unet, embeddings(8), 4))
+    assert backend.graphs == 2
+
+
 def test_no_graph_breaks_with_adapters_active(pipe):
     unet = denoiser_of(pipe)
     pipe.set_cpe_adapters(["a", "b"], [1.0, 0.5])

@@ -66,6 +66,10 @@ _watched_modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 def _count_tree_edit(module: nn.Module, name: str, value: Any) -> None:
     global _tree_edits
+    # Inside a compiled forward the only registrations are a UNet's temporary slices of its own
+    # ModuleLists; returning first keeps dynamo from tracing (and guarding on) the watched set.
+    if is_compiling():
+        return
     if module in _watched_modules:
         _tree_edits += 1
 

@@ -29,7 +29,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from conftest import random_adapter
-from cpe_adapter import CPEAdapter
+from cpe_adapter import CPEAdapter, ErasureIntegrityError
 from cpe_adapter.layer import CPELinear
 from cpe_adapter.runtime import get_runtime
 from cpe_adapter.testing import tiny_pipeline
@@ -549,6 +549,19 @@ def test_deepcopy_of_an_erased_unet_is_an_independent_eraser(pipe: Any) -> None:
     twin.unload_cpe_adapter()
     assert not any(isinstance(m, CPELinear) for m in unet.modules())
     assert np.array_equal(generate(pipe), erased)
+
+
+def test_deepcopy_checks_its_own_tree_before_its_first_call(pipe: Any) -> None:
+    """A block replaced in a fresh copy (whose modules no integrity scan has seen yet) is still caught."""
+    pipe.load_cpe_adapter(random_adapter(pipe), "eraser")
+    generate(pipe)  # the original's tree has been scanned and is watched
+    unet = copy.deepcopy(pipe.unet)
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    block.attn2 = tiny_pipeline("sd").unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    twin = StableDiffusionPipeline(**{**pipe.components, "unet": unet})
+    twin.set_progress_bar_config(disable=True)
+    with pytest.raises(ErasureIntegrityError, match="replaced"):
+        generate(twin)
 
 
 def test_deepcopy_of_a_controlnet_pipeline_keeps_both_erasures(pipe: Any) -> None:

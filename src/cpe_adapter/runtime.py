@@ -273,6 +273,7 @@ class CPERuntime:
             "_route_memo": RouteMemo(),
             "_concept_sets": ((), []),
             "_thread_selections": 0,
+            "_verified": None,  # the copied modules are not watched yet: the copy's first call scans
             "companions": [],
         }
         for key, value in self.__dict__.items():
@@ -468,9 +469,9 @@ class CPERuntime:
     def verify(self, full: bool = False) -> None:
         """Fail closed: raise if an active erasure could not be applied by the next forward.
 
-        The whole module tree is scanned only when a submodule or parameter was registered anywhere
-        since the last scan that passed, the adapters changed, or ``full`` is set; otherwise the
-        wrapped projections' shapes are checked (a ``.data`` swap registers nothing).
+        The whole module tree is scanned only when a submodule or parameter was registered on one
+        of its modules since the last scan that passed, the adapters changed, or ``full`` is set;
+        otherwise the wrapped projections' shapes are checked (a ``.data`` swap registers nothing).
         """
         if not self.applies():
             return

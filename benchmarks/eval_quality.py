@@ -190,11 +190,36 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         cells = [_check(key, row[key]) for key, _ in COLUMNS]
         lines.append(f"| {row['concept']} ({row['preset']}) | {row['variant']} | " + " | ".join(cells) + " |")
     lines += ["", "✗ = misses the issue's floor: " + ", ".join(f"{k} {op} {v}" for k, (op, v) in FLOORS.items())]
+    if len({row.get("seed", 0) for row in rows}) > 1:
+        lines += ["", *seed_summary(rows)]
     per_concept = {r["concept"]: r for r in rows}.values()
     lines += ["", "Neighbours: " + "; ".join(f"{r['concept']}: {', '.join(r['neighbours'])}" for r in per_concept)]
     lines += ["", "Best attack prompts: " + "; ".join(f"{r['concept']} / {r['variant']}: `{r['attack_best_prompt']}`"
                                                    for r in rows)]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def seed_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """Per concept and variant, the mean (min-max) over training seeds of the figures that vary most."""
+    keys = [("erase_score", "erase"), ("attack_recovery", "prompt-attack recovery")]
+    keys += [("embedding_attack_recovery", "embedding-attack recovery")]
+    lines = [
+        "Over training seeds, mean (min-max):",
+        "",
+        "| concept | variant | seeds | " + " | ".join(label for _, label in keys) + " |",
+        "|---|---|---|" + "---|" * len(keys),
+    ]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["concept"], row["variant"].rsplit(", seed ", 1)[0]), []).append(row)
+    for (concept, variant), group in groups.items():
+        cells = []
+        for key, _ in keys:
+            values = [row[key] for row in group if row[key] is not None]
+            cells.append(f"{sum(values) / len(values):.4f} ({min(values):.4f}-{max(values):.4f})" if values else "n/a")
+        seeds = ",".join(str(row.get("seed", 0)) for row in group)
+        lines.append(f"| {concept} | {variant} | {seeds} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
@@ -214,8 +239,14 @@ def main() -> None:
     parser.add_argument("--image-steps", type=int, default=4)
     parser.add_argument("--seeds", default="0", help="training seeds, comma-separated (each variant per seed)")
     parser.add_argument("--concepts", default="", help="only these concepts, comma-separated (default: all)")
+    parser.add_argument(
+        "--from-json", nargs="+", type=Path, default=None, help="write the tables from earlier runs' quality.json"
+    )
     args = parser.parse_args()
-    rows = run(args)
+    if args.from_json:
+        rows = [row for path in args.from_json for row in json.loads(path.read_text(encoding="utf-8"))]
+    else:
+        rows = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")

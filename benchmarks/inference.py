@@ -186,10 +186,18 @@ def timed_call(pipe, variant: Variant, args: argparse.Namespace, size: int, watc
     return elapsed
 
 
+def round_order(variants: list[Variant], rep: int) -> list[Variant]:
+    """The variants of round ``rep``, rotated by one each round so that none always runs first
+    (round -1, the warm-up, in the given order)."""
+    if rep < 0:
+        return variants
+    return variants[rep % len(variants) :] + variants[: rep % len(variants)]
+
+
 def run_interleaved(pipe, variants: list[Variant], args: argparse.Namespace, size: int) -> None:
     """Warm every variant once, then ``reps`` rounds, each round all variants in a rotated order."""
     for rep in range(-1, args.reps):
-        order = variants[rep % len(variants) :] + variants[: rep % len(variants)] if rep >= 0 else variants
+        order = round_order(variants, rep)
         for variant in order:
             variant.setup()
             try:
@@ -332,7 +340,7 @@ def split_timing(pipe, variants: list[Variant], args: argparse.Namespace, size: 
 
     figures: dict[str, dict[str, list[float]]] = {v.name: {"first": [], "step": []} for v in variants}
     for rep in range(-1, args.reps):
-        order = variants[rep % len(variants) :] + variants[: rep % len(variants)] if rep >= 0 else variants
+        order = round_order(variants, rep)
         for variant in order:
             variant.setup()
             try:

@@ -75,6 +75,23 @@ def test_equal_rows_of_one_batch_are_routed_once(pipe: Any, routed_rows: list[in
         assert torch.equal(images, generate(pipe, "a painting by Van Gogh", per_prompt=3))
 
 
+def test_rows_sharing_a_fingerprint_are_told_apart(
+    pipe: Any, routed_rows: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fingerprint only narrows the search: with every row's fingerprint equal, the exact
+    comparison alone decides, so different prompts keep their own routes."""
+    prompts = ["a painting by Van Gogh", "a photo of Tom Hanks", "a red car"]
+    with no_cache():
+        want = [generate(pipe, prompt) for prompt in prompts]
+    get_runtime(denoiser_of(pipe)).clear_cache()
+    monkeypatch.setattr(routing, "fingerprints", lambda embeds: [0.0] * embeds.shape[0])
+    got = [generate(pipe, prompt) for prompt in prompts]
+    assert len(routed_rows) == 4, "three prompts and one negative prompt: four distinct rows"
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert torch.equal(generate(pipe, prompts[1]), want[1])
+    assert len(routed_rows) == 4, "a repeated prompt is still found among rows of the same fingerprint"
+
+
 def test_memo_follows_adapter_changes(pipe: Any, routed_rows: list[int]) -> None:
     runtime = get_runtime(denoiser_of(pipe))
     runtime.clear_cache()

@@ -144,8 +144,11 @@ def row_residual(route: Route, sets: Sequence[ConceptSet], layer_sizes: Sequence
     """``scale(c*) · (alpha/r) · g_c*(t) · Ē_c*[t] D_c* U_c*`` of every token of a row: ``[T, sum(d_out)]``."""
     residual = None
     for position, concepts in enumerate(sets):
-        index = route.index.clamp(max=concepts.scales.shape[0] - 1)
-        weight = route.gate * concepts.scales[index]
+        if concepts.scales.shape[0] == 1:  # one concept: no per-token gather of index or scale
+            index, weight = route.index, route.gate * concepts.scales
+        else:
+            index = route.index.clamp(max=concepts.scales.shape[0] - 1)
+            weight = route.gate * concepts.scales[index]
         if len(sets) > 1:
             weight = weight * (route.owner == position).to(weight.dtype)
         part = routed_residual(
@@ -159,21 +162,22 @@ class RouteMemo:
     """The routing of the last :data:`ROUTE_MEMO_ROWS` distinct rows, valid for one routing state.
 
     ``state`` names everything a route depends on besides the row (the participating adapters and
-    their weights' generation, dtype and device); a different state empties the memo. Finding the
-    rows costs one elementwise comparison against the remembered rows and one host sync.
+    their weights' generation, dtype and device); a different state empties the memo. Rows are
+    found by a fingerprint (each row's sum, one reduction and one host sync for the whole batch)
+    and confirmed by an exact comparison, so a route is only ever served for an equal row.
     """
 
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = ROUTE_MEMO_ROWS if capacity is None else capacity
         self.state: tuple | None = None
-        self.rows: list[tuple[torch.Tensor, Route]] = []
+        self.rows: list[tuple[torch.Tensor, Route, float]] = []
 
     def clear(self) -> None:
         self.state, self.rows = None, []
 
     def nbytes(self) -> int:
         """Bytes held by the remembered rows and their routes."""
-        tensors = [t for row, route in self.rows for t in (row, route.gate, route.index, route.mixed, route.owner)]
+        tensors = [t for row, route, _ in self.rows for t in (row, route.gate, route.index, route.mixed, route.owner)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def routes(self, embeds: torch.Tensor, sets: Sequence[ConceptSet], state: tuple) -> list[Route]:
@@ -182,28 +186,25 @@ class RouteMemo:
             self.clear()
             self.state = state
         rows = list(embeds.split(1))
+        keys = fingerprints(embeds)
         routes: list[Route] = []
-        for row, (hit, twin) in zip(rows, self._matches(embeds), strict=True):
-            if hit is not None:
-                routes.append(self.rows[hit][1])
-            elif twin is not None:
-                routes.append(routes[twin])
-            else:
-                routes.append(route_row(row, sets))
-        for row, route in zip(rows, routes, strict=True):
-            known = next((i for i, (_, seen) in enumerate(self.rows) if seen is route), None)
-            self.rows.append(self.rows.pop(known) if known is not None else (row[0].detach().clone(), route))
+        for position, (row, key) in enumerate(zip(rows, keys, strict=True)):
+            hit = next((seen for stored, seen, k in self.rows if k == key and _same(stored, row[0])), None)
+            if hit is None:
+                twin = next((j for j in range(position) if keys[j] == key and _same(rows[j], row)), None)
+                hit = routes[twin] if twin is not None else route_row(row, sets)
+            routes.append(hit)
+        for row, route, key in zip(rows, routes, keys, strict=True):
+            known = next((i for i, (_, seen, _) in enumerate(self.rows) if seen is route), None)
+            self.rows.append(self.rows.pop(known) if known is not None else (row[0].detach().clone(), route, key))
         del self.rows[: max(0, len(self.rows) - self.capacity)]
         return routes
 
-    def _matches(self, embeds: torch.Tensor) -> list[tuple[int | None, int | None]]:
-        """Per row: the index of an equal remembered row, else of an equal earlier row of the batch."""
-        stored = [i for i, (row, _) in enumerate(self.rows) if row.shape == embeds.shape[1:]]
-        candidates = torch.cat([torch.stack([self.rows[i][0] for i in stored]), embeds]) if stored else embeds
-        equal = (embeds.unsqueeze(1) == candidates.unsqueeze(0)).flatten(2).all(-1).tolist()
-        found = []
-        for position, same in enumerate(equal):
-            hit = next((stored[k] for k in range(len(stored)) if same[k]), None)
-            twin = next((j for j in range(position) if same[len(stored) + j]), None)
-            found.append((hit, twin))
-        return found
+
+def fingerprints(embeds: torch.Tensor) -> list[float]:
+    """Each row's sum (in float64): equal rows share it, so only rows that share it are compared."""
+    return embeds.detach().flatten(1).sum(-1, dtype=torch.float64).tolist()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a, b)

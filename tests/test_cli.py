@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from conftest import random_adapter
 from cpe_adapter import CPEAdapter
@@ -100,6 +102,15 @@ def test_train_saves_a_loadable_adapter_and_resumes(tmp_path: Path, capsys: Any)
     again = CPEAdapter.from_pretrained(resumed)
     for key, value in adapter.file_state_dict().items():
         assert value.equal(again.file_state_dict()[key])
+    # The finished concept comes from the checkpoint, not from training it again: edit the file.
+    checkpoint = out / "checkpoints" / "concept_0000.safetensors"
+    tensors = load_file(checkpoint)
+    save_file({**tensors, "up": torch.zeros_like(tensors["up"])}, checkpoint)
+    edited = tmp_path / "edited"
+    run_json(capsys, *argv, "--out", str(edited), "--resume", str(out))
+    assert float(CPEAdapter.from_pretrained(edited).up.detach().abs().sum()) == 0
+    assert main([*argv, "--out", str(tmp_path / "other"), "--resume", str(out), "--seed", "1"]) == 2
+    assert "another training run" in capsys.readouterr().err
 
 
 def test_push_uploads_a_folder_with_a_model_card(saved_adapter: Path, fake_hub: Any, capsys: Any) -> None:

@@ -13,7 +13,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from conftest import PROMPT, generate, random_adapter, set_random_weights, unet_inputs, unet_output
-from cpe_adapter import CPEAdapter
+from cpe_adapter import CPEAdapter, routing
 from cpe_adapter.gate import gate_values
 from cpe_adapter.layer import CPELinear
 from cpe_adapter.runtime import cross_attention_modules, get_runtime
@@ -186,7 +186,11 @@ def test_highest_gate_wins_every_token():
     assert not np.allclose(both, weak_alone, atol=1e-3)
 
 
-def test_ties_break_by_adapter_name():
+@pytest.mark.parametrize("stacked", [True, False], ids=["one-set", "separate-sets"])
+def test_ties_break_by_adapter_name(stacked, monkeypatch):
+    """Within one stacked concept set and across sets (adapters routed apart) alike."""
+    if not stacked:
+        monkeypatch.setattr(routing, "STACK_BYTES", 0)
     pipe = tiny_pipeline("sd")
     gate_source = set_random_weights(CPEAdapter.for_pipeline(pipe, "tie"), seed=61)
     one = set_random_weights(CPEAdapter.for_pipeline(pipe, "tie"), seed=62)
@@ -196,7 +200,9 @@ def test_ties_break_by_adapter_name():
             for name in ("gate_a", "gate_b", "gate_v"):
                 getattr(adapter, name).copy_(getattr(gate_source, name))
     inputs = unet_inputs(pipe)
-    loaded_b_first = unet_output(with_adapters(("b", copy_of(two), 1.0), ("a", copy_of(one), 1.0)), inputs)
+    pair = with_adapters(("b", copy_of(two), 1.0), ("a", copy_of(one), 1.0))
+    assert len(routing.concept_sets(get_runtime(pair.unet).participants())) == (1 if stacked else 2)
+    loaded_b_first = unet_output(pair, inputs)
     loaded_a_first = unet_output(with_adapters(("a", copy_of(one), 1.0), ("b", copy_of(two), 1.0)), inputs)
     only_a = unet_output(with_adapters(("a", copy_of(one), 1.0)), inputs)
     only_b = unet_output(with_adapters(("b", copy_of(two), 1.0)), inputs)

@@ -161,6 +161,49 @@ def test_erase_score_matches_a_direct_computation(pipe) -> None:
     assert report["per_concept"]["Van Gogh"]["erase_score"] != 0.0
 
 
+def test_image_and_attack_figures_of_a_real_erasure_match_a_direct_computation(pipe) -> None:
+    """A random (non-identity) adapter: every image shift and the prompt attack's recovery equal
+    what plain pipeline calls and the adapter's own residual give, and none of them is zero."""
+    adapter = random_adapter(pipe)
+    pipe.load_cpe_adapter(adapter, "vg")
+    options = {**FAST, "templates": ["a painting by {}"], "attack_budget": 16}
+    report = evaluate(pipe, ["Van Gogh"], ["Picasso"], images=True, image_prompts=1, seed=5, **options)
+    units = {record["kind"]: record for record in report.records}
+
+    def image(prompt: str, unit: str, erased: bool) -> np.ndarray:
+        generator = torch.Generator().manual_seed(5 + units[unit]["unit"])
+        (pipe.enable_cpe_adapters if erased else pipe.disable_cpe_adapters)()
+        try:
+            out = pipe([prompt], num_inference_steps=1, generator=[generator], output_type="np").images
+        finally:
+            pipe.enable_cpe_adapters()
+        return np.asarray(out, dtype=np.float32)[0]
+
+    neutral = adapter.config.concepts[0].neutral
+    before = image("a painting by Van Gogh", "image_erase", erased=False)
+    gap = np.linalg.norm(before - image(f"a painting by {neutral}", "image_erase", erased=False))
+    erase_shift = np.linalg.norm(image("a painting by Van Gogh", "image_erase", erased=True) - before) / gap
+    kept = image("a painting by Picasso", "image_retain", erased=False)
+    retain_shift = np.linalg.norm(image("a painting by Picasso", "image_retain", erased=True) - kept) / gap
+    assert erase_shift > 0 and retain_shift > 0
+    assert report["image_erase_shift"] == pytest.approx(erase_shift, rel=1e-5)
+    assert report["image_retain_shift"] == pytest.approx(retain_shift, rel=1e-5)
+
+    probe = KVProbe(pipe)
+    best = report["attack_best_prompt"]
+    embeds = probe.encode(["a painting by Van Gogh", best])
+    with torch.no_grad():
+        original = torch.cat([F.linear(embeds, m.weight, m.bias) for m in probe.modules], dim=-1)
+        erased = original + adapter.residuals(embeds)[0]
+
+    def distance(row: torch.Tensor) -> float:
+        return float((probe.column_weights * (row - original[0]) ** 2).sum().sqrt())
+
+    recovery = 1 - distance(erased[1]) / distance(erased[0])
+    assert best != "a painting by Van Gogh" and recovery > 0
+    assert report["attack_recovery"] == pytest.approx(recovery, rel=1e-4, abs=1e-6)
+
+
 def test_figures_scale_with_the_adapter_scale(pipe) -> None:
     pipe.load_cpe_adapter(random_adapter(pipe), "vg")
     one = evaluate(pipe, ["Van Gogh"], ["Picasso"], attack=False, templates=TEMPLATES, progress=False)

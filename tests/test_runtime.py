@@ -14,7 +14,7 @@ from conftest import OTHER_PROMPT, PROMPT, generate, random_adapter, set_random_
 from cpe_adapter import CPEAdapterError, ErasureIntegrityError
 from cpe_adapter import runtime as runtime_module
 from cpe_adapter.layer import CPELinear
-from cpe_adapter.runtime import cross_attention_modules, get_runtime
+from cpe_adapter.runtime import cross_attention_modules, get_runtime, no_cache
 from cpe_adapter.testing import tiny_pipeline
 
 
@@ -374,10 +374,15 @@ def test_unet_with_encoder_hid_proj():
     embeds = torch.randn(1, 7, 48, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         plain = unet(latents, 10, encoder_hidden_states=embeds).sample
-    try:
-        cpe_adapter.load_cpe_adapter(unet, adapter)
-    except CPEAdapterError:
-        return  # refusing such UNets clearly at load time is acceptable too
+    # The layers read the 32-d output of ``encoder_hid_proj``, not the 48-d input: that is the
+    # width the adapter must match, and the residual is computed on the projected embeddings.
+    cpe_adapter.load_cpe_adapter(unet, adapter)
     with torch.no_grad():
         erased = unet(latents, 10, encoder_hidden_states=embeds).sample
+        with no_cache():
+            uncached = unet(latents, 10, encoder_hidden_states=embeds).sample
     assert not torch.allclose(plain, erased, atol=1e-4)
+    assert torch.equal(erased, uncached)
+    get_runtime(unet).enabled = False
+    with torch.no_grad():
+        assert torch.equal(unet(latents, 10, encoder_hidden_states=embeds).sample, plain)

@@ -282,7 +282,13 @@ def test_resume_from_a_stage_checkpoint_equals_an_uninterrupted_run(pipe, tmp_pa
         "concept_0001.safetensors",
         "trainer_state.json",
     ]
-    resumed = train_cpe(pipe, concepts, preset="styles", seed=3, resume_from=tmp_path, **SMALL)
+    ran: set[tuple[int, int]] = set()
+
+    def record(stage, step, logs):
+        ran.add((logs["concept_index"], stage))
+
+    resumed = train_cpe(pipe, concepts, preset="styles", seed=3, resume_from=tmp_path, callback=record, **SMALL)
+    assert ran == {(1, 1), (1, 2)}, "only the second concept's remaining stages run again"
     weights = _weights(resumed)
     assert all(torch.equal(uninterrupted[k], weights[k]) for k in uninterrupted)
     assert len(resumed.config.training["history"]["Monet"]) == 3

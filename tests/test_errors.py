@@ -16,7 +16,14 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import generate, random_adapter, unet_inputs, unet_output
-from cpe_adapter import AdapterFileError, CPEAdapter, CPEAdapterError, CPEConfig, IncompatibleAdapterError
+from cpe_adapter import (
+    AdapterFileError,
+    CPEAdapter,
+    CPEAdapterError,
+    CPEConfig,
+    ErasureIntegrityError,
+    IncompatibleAdapterError,
+)
 from cpe_adapter.config import CONFIG_NAME, WEIGHTS_NAME
 from cpe_adapter.testing import tiny_pipeline
 
@@ -259,7 +266,7 @@ def test_wrong_number_of_scales(loaded):
     refused(loaded, CPEAdapterError, ["scale"], loaded.pipe.set_cpe_adapters, ["good"], [1.0, 2.0])
 
 
-@pytest.mark.parametrize("scale", [float("nan"), "1", None])
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), "1", None])
 def test_bad_scale_values(loaded, good_folder, scale):
     refused(loaded, CPEAdapterError, ["scale"], loaded.pipe.set_cpe_adapters, ["good"], [scale])
     refused(loaded, CPEAdapterError, ["scale"], loaded.pipe.load_cpe_adapter, good_folder, "second", scale=scale)
@@ -328,6 +335,21 @@ def test_unsupported_pipeline(loaded):
         pass
 
     refused(loaded, CPEAdapterError, ["unet"], CPEAdapter.for_pipeline, NotAPipeline(), "x")
+
+
+def test_fused_projections_are_refused_on_every_load(loaded, good_folder):
+    """Not only when the first adapter attaches: fusing after that is caught by the next load."""
+    loaded.pipe.fuse_qkv_projections()
+    try:
+        with pytest.raises(CPEAdapterError, match="unfuse_qkv_projections"):
+            loaded.pipe.load_cpe_adapter(good_folder, "second")
+        assert list(loaded.pipe.list_cpe_adapters()) == ["good"]
+        with pytest.raises(ErasureIntegrityError, match="fused") as info:
+            unet_output(loaded.pipe, loaded.inputs)
+        assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+    finally:
+        loaded.pipe.unfuse_qkv_projections()
+    loaded.assert_undisturbed()
 
 
 def test_final_image_still_erased(loaded):

@@ -352,6 +352,24 @@ def test_one_adapter_object_in_two_pipelines_of_different_dtypes():
     torch.testing.assert_close(unet_output(first, (latents, timestep, embeds.clone())), before, rtol=0, atol=0)
 
 
+def test_the_callers_adapter_object_is_never_changed():
+    """Loading stores a copy: the caller's object keeps training mode and ``requires_grad``, a later
+    ``pipe.to`` converts only the copy, and editing the caller's object afterwards changes nothing."""
+    pipe = tiny_pipeline("sd")
+    adapter = random_adapter(pipe).train()
+    pipe.load_cpe_adapter(adapter, adapter_name="mine")
+    inputs = unet_inputs(pipe)
+    erased = unet_output(pipe, inputs)
+    assert adapter.training and all(p.requires_grad for p in adapter.parameters())
+    latents, timestep, embeds = inputs
+    with torch.no_grad():
+        adapter.up.zero_()
+    torch.testing.assert_close(unet_output(pipe, (latents, timestep, embeds.clone())), erased, rtol=0, atol=0)
+    pipe.to(torch.bfloat16)
+    unet_output(pipe, (latents.bfloat16(), timestep, embeds.bfloat16()))
+    assert adapter.gate_v.dtype == torch.float32
+
+
 def test_unet_with_encoder_hid_proj():
     from diffusers import UNet2DConditionModel
 

@@ -19,5 +19,9 @@ class AdapterFileError(CPEAdapterError):
     """An adapter file is missing, corrupt, unsupported (pickle) or of an unknown format version."""
 
 
-class ErasureIntegrityError(RuntimeError):
-    """An active erasure cannot be applied; generation stops instead of running unerased."""
+class ErasureIntegrityError(CPEAdapterError, RuntimeError):
+    """An active erasure cannot be applied; generation stops instead of running unerased.
+
+    Raised at generation time (the UNet was changed after the adapters were attached), hence also
+    a :class:`RuntimeError`; it is a :class:`CPEAdapterError` like every other failure.
+    """

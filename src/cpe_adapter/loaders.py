@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -93,6 +94,7 @@ def load_cpe_adapter(
     )
     existing = get_runtime(denoiser)
     runtime = existing or CPERuntime(denoiser)
+    runtime.check_unfused()
     runtime.check_compatible(adapter.config, "adapter")
     if adapter_name is not None:
         if not isinstance(adapter_name, str) or not adapter_name:
@@ -107,9 +109,10 @@ def load_cpe_adapter(
         name = _unique(_default_name(pretrained_model_name_or_path_or_dict, adapter.config), runtime.adapters)
     adapter = runtime.in_layer_order(adapter)
     device, dtype = adapter_placement(denoiser)
-    if any(p.device != device or p.dtype != dtype for p in adapter.parameters()):
-        # Convert a copy: an adapter object the caller passed (perhaps loaded into another pipeline
-        # too) must keep its own device and precision.
+    if adapter is pretrained_model_name_or_path_or_dict:
+        # A copy: the caller's object (perhaps still training, or loaded into another pipeline
+        # too) keeps its own device, precision and ``requires_grad``; later pipeline moves
+        # convert only the copy.
         adapter = copy.deepcopy(adapter)
     adapter = adapter.to(device=device, dtype=dtype).requires_grad_(False).eval()
     if existing is None:
@@ -129,7 +132,7 @@ def load_cpe_adapter(
 
 
 def _check_scale(scale: Any) -> None:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise CPEAdapterError(f"Adapter scales must be finite numbers, got {scale!r}.")
 
 

@@ -427,12 +427,7 @@ class CPERuntime:
         denoiser = self.denoiser_ref()
         if any(True for _ in self.wrapped_layers()):
             return
-        fused = [path for path, attn in cross_attention_modules(denoiser) if _is_fused(attn)]
-        if fused:
-            raise CPEAdapterError(
-                f"Cross-attention projections are fused ({fused[0]} and {len(fused) - 1} more); fused to_kv bypasses "
-                "the eraser. Call `pipe.unfuse_qkv_projections()` before loading CPE adapters."
-            )
+        self.check_unfused()
         index = 0
         wrappers, slots = [], []
         for _, attn in cross_attention_modules(denoiser):
@@ -451,6 +446,15 @@ class CPERuntime:
             denoiser.register_forward_pre_hook(_before_forward, with_kwargs=True),
             denoiser.register_forward_hook(_after_forward, always_call=True),
         ]
+
+    def check_unfused(self) -> None:
+        """Refuse fused cross-attention projections: a fused ``to_kv`` bypasses the wrapped layers."""
+        fused = [path for path, attn in cross_attention_modules(self.denoiser_ref()) if _is_fused(attn)]
+        if fused:
+            raise CPEAdapterError(
+                f"Cross-attention projections are fused ({fused[0]} and {len(fused) - 1} more); fused to_kv bypasses "
+                "the eraser. Call `pipe.unfuse_qkv_projections()` before loading CPE adapters."
+            )
 
     def detach(self) -> None:
         """Put plain ``nn.Linear`` layers back (sharing the current parameters) and drop the hooks."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import gc
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -455,7 +457,9 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_controlnet_attached_after_loading_is_erased_from_the_first_step(pipe: Any) -> None:
+def test_controlnet_attached_after_loading_is_refused_until_a_cpe_call_erases_it(pipe: Any) -> None:
+    """Nothing of diffusers is patched, so a ControlNet can arrive unseen; its residuals are then
+    refused (never used unerased) until a ``*_cpe_adapter*`` call on its pipeline erases it."""
     at_load = controlnet_for(pipe.unet)
     present = StableDiffusionControlNetPipeline(**pipe.components, controlnet=at_load)
     present.set_progress_bar_config(disable=True)
@@ -466,19 +470,25 @@ def test_controlnet_attached_after_loading_is_erased_from_the_first_step(pipe: A
     erased = generate(present, image=CONTROL)
     assert not same(erased_residuals, bare_residuals)
 
-    # from_pipe with a new ControlNet, after the adapter was loaded: erased at once
+    # from_pipe with a new ControlNet, after the adapter was loaded: refused, then erased
     late = controlnet_for(pipe.unet)
     from_pipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=late)
     from_pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ErasureIntegrityError, match="enable_cpe_adapters"):
+        generate(from_pipe, image=CONTROL)
+    from_pipe.enable_cpe_adapters()
     assert isinstance(late.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2.to_k"), CPELinear)
     assert same(controlnet_residuals(pipe, late), erased_residuals)
     first_call = generate(from_pipe, image=CONTROL)
     assert np.array_equal(first_call, erased)
     assert differs(first_call, bare)
 
-    # plain assignment on a pipeline made before the ControlNet existed
+    # plain assignment on a pipeline seen before: refused until set_cpe_adapters erases it
     assigned = controlnet_for(pipe.unet)
     from_pipe.controlnet = assigned
+    with pytest.raises(ErasureIntegrityError):
+        generate(from_pipe, image=CONTROL)
+    from_pipe.set_cpe_adapters(["eraser"])
     assert same(controlnet_residuals(pipe, assigned), erased_residuals)
     assert np.array_equal(generate(from_pipe, image=CONTROL), erased)
 
@@ -486,6 +496,7 @@ def test_controlnet_attached_after_loading_is_erased_from_the_first_step(pipe: A
     pipe.disable_cpe_adapters()
     assert same(controlnet_residuals(pipe, late), bare_residuals)
     assert same(controlnet_residuals(pipe, assigned), bare_residuals)
+    assert np.array_equal(generate(from_pipe, image=CONTROL), bare), "disabled: residuals are welcome unerased"
     pipe.enable_cpe_adapters()
     pipe.unload_cpe_adapter()
     for controlnet in (at_load, late, assigned):
@@ -494,11 +505,32 @@ def test_controlnet_attached_after_loading_is_erased_from_the_first_step(pipe: A
     assert np.array_equal(generate(from_pipe, image=CONTROL), bare)
 
 
-def test_loading_on_the_base_pipeline_erases_controlnets_of_pipelines_sharing_its_unet(pipe: Any) -> None:
+def test_importing_patches_no_diffusers_attribute() -> None:
+    """API.md: ``import cpe_adapter`` adds names only and never overrides an existing attribute."""
+    code = (
+        "import diffusers\n"
+        "before = {k: v for k, v in vars(diffusers.DiffusionPipeline).items()}\n"
+        "import cpe_adapter\n"
+        "after = vars(diffusers.DiffusionPipeline)\n"
+        "changed = [k for k, v in before.items() if after.get(k) is not v]\n"
+        "added = sorted(set(after) - set(before))\n"
+        "assert not changed, changed\n"
+        "assert added == sorted(cpe_adapter.loaders.PIPELINE_METHODS), added\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_changes_on_the_base_pipeline_reach_controlnets_of_pipelines_seen_sharing_its_unet(pipe: Any) -> None:
     controlnet = controlnet_for(pipe.unet)
     control_pipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
+    control_pipe.set_progress_bar_config(disable=True)
     bare_residuals = controlnet_residuals(pipe, controlnet)
     pipe.load_cpe_adapter(random_adapter(pipe), "eraser")  # on the pipeline *without* ControlNet
+    assert same(controlnet_residuals(pipe, controlnet), bare_residuals), "control_pipe was never seen"
+    with pytest.raises(ErasureIntegrityError, match="ControlNet"):
+        generate(control_pipe, image=CONTROL)
+    control_pipe.enable_cpe_adapters()  # now seen: every later change on `pipe` reaches its ControlNet
     erased_residuals = controlnet_residuals(pipe, controlnet)
     assert not same(erased_residuals, bare_residuals)
     pipe.load_cpe_adapter(random_adapter(pipe, seed=4), "second")

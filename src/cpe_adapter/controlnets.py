@@ -6,16 +6,19 @@ would come back through the ControlNet's residuals. Each ControlNet next to a UN
 adapters therefore gets a *companion* runtime: the UNet's adapters restricted to the ControlNet's
 layers, following the UNet's active set, scales and switch.
 
-ControlNets are found wherever they can arrive: at load time (every pipeline known to hold the
-UNet), when a pipeline component is set (``DiffusionPipeline.__setattr__`` is wrapped once), and,
-for a ``MultiControlNetModel``, when its ``nets`` list was edited in place (a forward pre-hook on
-it checks its nets before each call).
+ControlNets are found by every ``*_cpe_adapter*`` call that switches erasure on or changes it
+(load, set, enable, unload), in the pipeline it is called on and in every other pipeline one of
+those calls has seen holding the same UNet, and, for a ``MultiControlNetModel``, when its
+``nets`` list was edited in place (a forward pre-hook on it checks its nets before each call).
+Nothing of diffusers is patched, so a ControlNet can also arrive unseen (``from_pipe``, a new
+pipeline built from ``pipe.components``, ``pipe.controlnet = ...``): the UNet then refuses its
+residuals (:meth:`~cpe_adapter.runtime.CPERuntime.before_forward` fails closed) until one of those
+calls is made on the pipeline that holds it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import weakref
 from typing import Any
 
@@ -36,9 +39,8 @@ def _controlnets(pipe: Any) -> list[nn.Module]:
     return list(nets) if nets is not None else [controlnet]
 
 
-# Pipelines seen holding each UNet (``DiffusionPipeline.__setattr__`` records them; see
-# :func:`watch_components`), so that loading on one pipeline also erases the ControlNets of the
-# others that share the UNet (``from_pipe``, ``Cls(**pipe.components, controlnet=...)``).
+# Pipelines seen holding each UNet (the ``*_cpe_adapter*`` calls record them), so that a change
+# made on one pipeline also reaches the ControlNets of the others that share the UNet.
 PIPELINES_ATTR = "_cpe_pipelines"
 
 
@@ -153,46 +155,3 @@ def denoiser_of_or_none(pipe: Any) -> nn.Module | None:
         return denoiser_of(pipe)
     except CPEAdapterError:
         return None
-
-
-def _on_component_set(pipe: Any, name: str, value: Any) -> None:
-    """After ``pipe.<name> = value``: remember the pipeline on its UNet and erase a new ControlNet at once."""
-    if name not in _WATCHED or not isinstance(value, nn.Module):
-        return
-    denoiser = denoiser_of_or_none(pipe)
-    if denoiser is None:
-        return
-    remember_pipeline(pipe, denoiser)
-    runtime = get_runtime(denoiser)
-    if runtime is None or not runtime.adapters or runtime.primary is not None:
-        return
-    if any(get_runtime(net) is None or get_runtime(net).primary is not runtime for net in _controlnets(pipe)):
-        sync_companions(pipe, runtime)
-
-
-_WATCHED = ("unet", "controlnet")
-
-
-def watch_components() -> bool:
-    """Wrap ``DiffusionPipeline.__setattr__`` once, so that ControlNets attached later are erased.
-
-    diffusers pipelines set every component through ``__setattr__`` (``__init__`` via
-    ``register_modules``, ``from_pipe``, and plain ``pipe.controlnet = ...``). A ControlNet that
-    arrives next to a UNet with CPE adapters is given the UNet's erasure right then, so the very
-    first denoising step of the next call is erased.
-    """
-    from diffusers import DiffusionPipeline
-
-    original = DiffusionPipeline.__setattr__
-    if getattr(original, "_cpe_watch", False):
-        return False
-
-    @functools.wraps(original)
-    def __setattr__(self: Any, name: str, value: Any) -> None:
-        original(self, name, value)
-        if name in _WATCHED:
-            _on_component_set(self, name, value)
-
-    __setattr__._cpe_watch = True  # type: ignore[attr-defined]
-    DiffusionPipeline.__setattr__ = __setattr__
-    return True

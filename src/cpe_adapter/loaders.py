@@ -20,7 +20,7 @@ from torch import nn
 
 from .adapter import CPEAdapter
 from .config import CPEConfig
-from .controlnets import remember_pipeline, sync_companions, watch_components
+from .controlnets import remember_pipeline, sync_companions
 from .errors import CPEAdapterError
 from .hub import load_adapter, push_adapter
 from .runtime import CPERuntime, adapter_placement, denoiser_of, get_runtime, remove_runtime
@@ -163,9 +163,17 @@ def set_cpe_adapters(
     """Make exactly ``adapter_names`` active, with per-adapter ``scales`` (default 1.0 each)."""
     runtime = _runtime(pipe)
     names, values = _selection(runtime, adapter_names, scales)
+    _follow_controlnets(pipe, runtime)
     runtime.active = names
     runtime.scales.update(values)
     runtime.bump()
+
+
+def _follow_controlnets(pipe: Any, runtime: CPERuntime) -> None:
+    """Remember ``pipe`` as a holder of the UNet and erase its ControlNets (raises before any change)."""
+    if not isinstance(pipe, nn.Module):
+        remember_pipeline(pipe, runtime.denoiser_ref())
+    sync_companions(pipe, runtime)
 
 
 @contextlib.contextmanager
@@ -214,6 +222,7 @@ def enable_cpe_adapters(pipe: Any) -> None:
     """Switch the active erasures back on."""
     runtime = get_runtime(denoiser_of(pipe))
     if runtime is not None:
+        _follow_controlnets(pipe, runtime)
         runtime.enabled = True
         runtime.bump()
 
@@ -307,7 +316,6 @@ def register_pipeline_methods() -> list[str]:
     """Add the operations as ``DiffusionPipeline`` methods, never replacing an existing attribute."""
     from diffusers import DiffusionPipeline
 
-    watch_components()
     added = []
     for name, function in PIPELINE_METHODS.items():
         if not hasattr(DiffusionPipeline, name):

@@ -256,6 +256,8 @@ class CPERuntime:
         config = getattr(denoiser, "config", None)
         self._embeds_reach_layers = getattr(config, "encoder_hid_dim_type", None) not in _PROJECTED_TEXT
         self._thread_selections = 0
+        # Per thread: companions (ControlNets) that ran since this denoiser's last forward.
+        self._companion_runs = threading.local()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CPERuntime:
         """The runtime of a deep copy of the denoiser: same adapters (copied), active set and scales.
@@ -271,6 +273,7 @@ class CPERuntime:
             "_lock": threading.RLock(),
             "_cache": OrderedDict(),
             "_route_memo": RouteMemo(),
+            "_companion_runs": threading.local(),
             "_concept_sets": ((), []),
             "_thread_selections": 0,
             "_verified": None,  # the copied modules are not watched yet: the copy's first call scans
@@ -532,15 +535,22 @@ class CPERuntime:
                 return
 
     # ---------------------------------------------------------------------------- forward hooks
-    def before_forward(self, embeds: Any) -> None:
+    def before_forward(self, embeds: Any, controlled: bool = False) -> None:
         """Prepare every wrapper's projection of ``embeds`` for this denoiser call.
 
         Runs once per UNet forward: notices state changes, checks integrity and, from the cache or
         freshly when the weights sit on the embedding's device, hands each wrapper ``(E, P'(E))``.
+        ``controlled``: the call carries ControlNet residuals, which must come from an erased
+        ControlNet (see :meth:`_check_controlnets`).
         """
+        if self.primary is not None:
+            runs = self.primary._companion_runs
+            runs.count = getattr(runs, "count", 0) + 1
         self.sync()
         if not self.applies():
+            self._companion_runs.count = 0
             return
+        self._check_controlnets(controlled)
         if not (
             self._embeds_reach_layers
             and isinstance(embeds, torch.Tensor)
@@ -561,6 +571,24 @@ class CPERuntime:
                 if out is None and wrapper.weight.device == embeds.device:
                     out = self._compute_output(entry, wrapper, embeds)
                 wrapper.__dict__["cpe_prepared"] = None if out is None else (embeds, out)
+
+    def _check_controlnets(self, controlled: bool) -> None:
+        """Fail closed on ControlNet residuals from a ControlNet that does not follow this erasure.
+
+        A ControlNet reads the prompt through cross-attention layers of its own, so one the erasure
+        never reached (attached after the adapters were loaded, in a pipeline none of the
+        ``*_cpe_adapter*`` calls has seen) would hand the erased concept back through its residuals.
+        Erased ControlNets count their runs here; residuals with none since the last call are refused.
+        """
+        runs = getattr(self._companion_runs, "count", 0)
+        self._companion_runs.count = 0
+        if controlled and self.primary is None and runs == 0:
+            raise ErasureIntegrityError(
+                "The UNet received ControlNet residuals, but no ControlNet carrying the active CPE erasure ran "
+                "before it: a ControlNet attached after the adapters were loaded would bring the erased concepts "
+                "back. Call `pipe.enable_cpe_adapters()` on the pipeline that holds the ControlNet (it erases "
+                "that pipeline's ControlNets too), or `pipe.disable_cpe_adapters()` to run without erasure."
+            )
 
     def after_forward(self) -> None:
         """Take the prepared projections back (a direct layer call later re-checks everything)."""
@@ -755,10 +783,15 @@ def _embeds_argument(args: tuple, kwargs: dict) -> Any:
     return args[2] if len(args) > 2 else None
 
 
+# Keyword arguments through which a UNet receives ControlNet residuals.
+_CONTROLNET_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual")
+
+
 def _before_forward_impl(module: nn.Module, args: tuple, kwargs: dict) -> None:
     runtime = module.__dict__.get(RUNTIME_ATTR)
     if runtime is not None:
-        runtime.before_forward(_embeds_argument(args, kwargs))
+        controlled = any(kwargs.get(name) is not None for name in _CONTROLNET_RESIDUALS)
+        runtime.before_forward(_embeds_argument(args, kwargs), controlled)
 
 
 def _after_forward_impl(module: nn.Module) -> None:

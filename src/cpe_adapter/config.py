@@ -56,6 +56,12 @@ class ConceptSpec:
         if not isinstance(data, dict):
             raise CPEAdapterError(f"Each CPEConfig.concepts entry must be an object, got {data!r:.80}.")
         known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(
+                f"Ignoring unknown keys of a CPEConfig concept (written by a newer version?): {unknown[:10]}",
+                stacklevel=3,
+            )
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def validate(self) -> None:
@@ -256,9 +262,12 @@ class CPEConfig:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> CPEConfig:
-        """Read ``cpe_config.json`` from a folder, a config file, or a Hub repo."""
+        """Read ``cpe_config.json`` from a folder, a config file, or a Hub repo; or the config copy in
+        the header of a lone ``.safetensors`` weights file (such a file describes itself)."""
         from .hub import resolve_file
-        from .serialization import read_config_text
+        from .serialization import config_from_metadata, read_config_text, read_metadata
 
         path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **hub_kwargs)
+        if path.suffix == ".safetensors":
+            return config_from_metadata(read_metadata(path), str(path))
         return cls.from_json_string(read_config_text(path))

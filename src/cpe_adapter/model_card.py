@@ -65,9 +65,9 @@ text dim {config.text_embed_dim}.
 
 ```python
 import cpe_adapter
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
-pipe = StableDiffusionPipeline.from_pretrained("{base_hint}")
+pipe = DiffusionPipeline.from_pretrained("{base_hint}")
 pipe.load_cpe_adapter("{source}", adapter_name="eraser")
 image = pipe("a painting of a starry night").images[0]
 ```

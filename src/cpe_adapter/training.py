@@ -282,6 +282,7 @@ class TrainingPlan:
         return {
             **self.preset.to_dict(),
             "stages": self.stages,
+            "first_stage_iters": self.erase_iters[0],  # as run: ``steps`` scales the preset's schedule
             "erase_iters": list(self.erase_iters),
             "attack_iters": self.attack_iters,
             "total_erase_iters": sum(self.erase_iters),

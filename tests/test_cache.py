@@ -207,7 +207,9 @@ def test_new_prompt_tensor_in_reused_memory_is_not_served_stale(fresh):
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("edit", ["embeds", "weight", "bias", "adapter", "adapter_gate", "dtype"])
+@pytest.mark.parametrize(
+    "edit", ["embeds", "weight", "bias", "adapter", "adapter_gate", "adapter_assigned", "adapter_parameter", "dtype"]
+)
 def test_in_place_edits_invalidate(fresh, edit):
     adapter = random_adapter(fresh, 3, seed=12)
     fresh.load_cpe_adapter(adapter, "a")
@@ -227,6 +229,12 @@ def test_in_place_edits_invalidate(fresh, edit):
             fresh.get_cpe_adapter("a").up.mul_(-1.0)
         elif edit == "adapter_gate":
             fresh.get_cpe_adapter("a").gate_v.add_(1.0)
+        elif edit == "adapter_assigned":  # new Parameter objects: no version counter moved
+            loaded = fresh.get_cpe_adapter("a")
+            loaded.load_state_dict({k: -v for k, v in loaded.state_dict().items()}, assign=True)
+        elif edit == "adapter_parameter":
+            loaded = fresh.get_cpe_adapter("a")
+            loaded.up = torch.nn.Parameter(-loaded.up.detach())
         else:
             unet.to(torch.float64)
             embeds = embeds.double()
@@ -243,6 +251,70 @@ def test_in_place_edits_invalidate(fresh, edit):
         with torch.no_grad():
             to_v.weight.copy_(saved_weight)
         to_v.bias = saved_bias
+
+
+def test_lora_fused_again_at_another_scale_is_not_served_stale():
+    """PEFT fuses with ``weight.data += delta``: neither storage nor version moves, and
+    ``merged_adapters`` reads the same after unfuse and fuse; the scaling tells them apart."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    fresh = tiny_pipeline("sd")  # loading a LoRA freezes the base weights: a pipeline of its own
+    donor = tiny_pipeline("sd")
+    donor.unet.add_adapter(LoraConfig(r=4, target_modules=["to_k", "to_v"], init_lora_weights=False))
+    lora = {f"unet.{k}": v for k, v in get_peft_model_state_dict(donor.unet).items()}
+    fresh.load_cpe_adapter(random_adapter(fresh, 2, seed=21), "a")
+    fresh.load_lora_weights(lora, adapter_name="style")
+    embeds = embeddings(2, seed=3)
+    fresh.fuse_lora(lora_scale=1.0)
+    full = unet_call(fresh, embeds)
+    fresh.unfuse_lora()
+    fresh.fuse_lora(lora_scale=0.3)
+    weaker = unet_call(fresh, embeds)
+    with no_cache():
+        assert torch.equal(weaker, unet_call(fresh, embeds))
+    assert not torch.allclose(weaker, full, atol=1e-5)
+
+
+def test_inference_tensors_weights_and_adapters_are_never_served_stale():
+    """Under ``torch.inference_mode`` tensors have no version counter: weights made there are not
+    cached as projections, adapters are never converted into inference tensors, and a hook that
+    edits an inference-mode output in place is not handed the cached tensor."""
+    fresh = tiny_pipeline("sd")  # its weights end up as inference tensors: a pipeline of its own
+    fresh.load_cpe_adapter(random_adapter(fresh, 2, seed=22), "a")
+    unet = denoiser_of(fresh)
+    embeds = embeddings(2, seed=4)
+
+    def call(mode=torch.inference_mode):
+        sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        with mode():
+            return unet(sample.to(unet.dtype), 10, encoder_hidden_states=embeds.to(unet.dtype)).sample.clone()
+
+    def check(mode=torch.inference_mode) -> torch.Tensor:
+        got = call(mode)
+        with no_cache():
+            assert torch.equal(got, call(mode))
+        return got
+
+    unet.to(torch.bfloat16)
+    call()  # the adapter follows the UNet to bfloat16 inside inference mode
+    assert not any(p.is_inference() for p in fresh.get_cpe_adapter("a").parameters())
+    before = check()
+    with torch.inference_mode():
+        fresh.get_cpe_adapter("a").up.mul_(-1.0)
+    assert not torch.equal(check(), before)
+
+    with torch.inference_mode():
+        unet.to(torch.float32)  # the UNet's weights are inference tensors from here on
+    before = check()
+    state = {k: v.clone() * 1.1 for k, v in unet.state_dict().items()}
+    with torch.inference_mode():
+        unet.load_state_dict(state)
+    assert not torch.equal(check(), before)
+
+    to_k = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k
+    to_k.register_forward_hook(lambda module, args, out: out.mul_(0.5))
+    assert torch.equal(check(), check()), "the hook halves a fresh output on every call, never twice"
 
 
 def test_direct_layer_call_after_adapter_edit_is_fresh(fresh):

@@ -112,3 +112,61 @@ def test_thread_choice_ends_with_the_block_and_is_checked(shared: tuple[Any, Any
     np.testing.assert_array_equal(both, latents(pipe, PROMPTS["a"]))
     with pytest.raises(cpe_adapter.CPEAdapterError, match="nope"), cpe_adapter.use_cpe_adapters(pipe, ["nope"]):
         pass
+
+
+def test_a_selection_made_while_another_thread_prepares_is_never_served_its_projections(
+    shared: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thread A prepares the shared projections of a global-selection call; thread B enters
+    ``use_cpe_adapters`` meanwhile and runs on the very same embedding while A's forward is still
+    in flight. B must get its own selection, not A's prepared K/V. Events, not sleeps, order the
+    two threads: A holds in its integrity check until B has started, and in its first block until
+    B is done."""
+    from cpe_adapter.runtime import CPERuntime, denoiser_of
+
+    pipe, _ = shared
+    unet = denoiser_of(pipe)
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    embeds = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
+
+    def call() -> torch.Tensor:
+        with torch.no_grad():
+            return unet(sample, 10, encoder_hidden_states=embeds).sample.clone()
+
+    with cpe_adapter.use_cpe_adapters(pipe, ["b"]):
+        want_b = call()
+    b_started, a_in_forward, b_done = threading.Event(), threading.Event(), threading.Event()
+    original_check = CPERuntime._check_slots
+
+    def held_check(self: CPERuntime) -> None:
+        if threading.current_thread() is thread_a:
+            b_started.wait(timeout=30)
+        original_check(self)
+
+    def hold_a(module: Any, args: Any) -> None:
+        if threading.current_thread() is thread_a:
+            a_in_forward.set()
+            b_done.wait(timeout=30)
+
+    results: dict[str, torch.Tensor] = {}
+
+    def run_b() -> None:
+        b_started.set()
+        with cpe_adapter.use_cpe_adapters(pipe, ["b"]):
+            a_in_forward.wait(timeout=30)
+            results["b"] = call()
+        b_done.set()
+
+    monkeypatch.setattr(CPERuntime, "_check_slots", held_check)
+    handle = unet.down_blocks[0].register_forward_pre_hook(hold_a)
+    thread_a = threading.Thread(target=lambda: results.setdefault("a", call()))
+    thread_b = threading.Thread(target=run_b)
+    try:
+        thread_a.start()
+        thread_b.start()
+        thread_a.join(timeout=120)
+        thread_b.join(timeout=120)
+    finally:
+        handle.remove()
+    assert a_in_forward.is_set() and b_done.is_set()
+    assert torch.equal(results["b"], want_b)

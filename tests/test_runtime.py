@@ -305,6 +305,24 @@ def test_attention_block_swapped_mid_prompt_fails_closed(sd_pipe):
         unet_output(sd_pipe, inputs)
 
 
+@pytest.mark.parametrize("edit", ["insert_and_delete", "modules_dict"])
+def test_container_edited_without_registration_fails_closed(sd_pipe, edit):
+    """``ModuleList.insert`` and ``del`` write ``_modules`` directly (no registration hook fires):
+    the per-call check of the path to every wrapped attention module still sees the swap."""
+    sd_pipe.load_cpe_adapter(random_adapter(sd_pipe), adapter_name="eraser")
+    inputs = unet_inputs(sd_pipe)
+    unet_output(sd_pipe, inputs)  # cached, scanned
+    blocks = sd_pipe.unet.down_blocks[0].attentions
+    plain = tiny_pipeline("sd").unet.down_blocks[0].attentions[0]
+    if edit == "insert_and_delete":
+        blocks.insert(0, plain)
+        del blocks[1]
+    else:
+        blocks._modules["0"] = plain
+    with pytest.raises(ErasureIntegrityError, match="replaced"):
+        unet_output(sd_pipe, inputs)
+
+
 def test_integrity_scan_runs_again_only_after_a_registration(sd_pipe, monkeypatch):
     sd_pipe.load_cpe_adapter(random_adapter(sd_pipe), adapter_name="eraser")
     unet_output(sd_pipe, unet_inputs(sd_pipe, seed=0))

@@ -62,16 +62,23 @@ _no_cache_depth = 0
 # are caught for the wrapped projections themselves by the per-call slot check.
 _tree_edits = 0
 _watched_modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+# The same for loaded adapters: a parameter replaced by a new object (``adapter.up =
+# nn.Parameter(...)``, ``load_state_dict(..., assign=True)``) must invalidate what was computed
+# with the old one.
+_adapter_edits = 0
+_watched_adapters: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def _count_tree_edit(module: nn.Module, name: str, value: Any) -> None:
-    global _tree_edits
+    global _tree_edits, _adapter_edits
     # Inside a compiled forward the only registrations are a UNet's temporary slices of its own
-    # ModuleLists; returning first keeps dynamo from tracing (and guarding on) the watched set.
+    # ModuleLists; returning first keeps dynamo from tracing (and guarding on) the watched sets.
     if is_compiling():
         return
     if module in _watched_modules:
         _tree_edits += 1
+    if module in _watched_adapters:
+        _adapter_edits += 1
 
 
 torch.nn.modules.module.register_module_module_registration_hook(_count_tree_edit)
@@ -174,6 +181,11 @@ def no_cache() -> Iterator[None]:
         _no_cache_depth -= 1
 
 
+def _param_state(params: list[torch.Tensor]) -> tuple:
+    """Adapter registrations so far, and each watched parameter's storage and version."""
+    return (_adapter_edits, *((p.data_ptr(), _version_of(p)) for p in params))
+
+
 def _version_of(tensor: torch.Tensor) -> int:
     """Autograd version counter; inference-mode tensors have none (and cannot change outside it)."""
     return -1 if tensor.is_inference() else tensor._version
@@ -219,8 +231,22 @@ def _weight_signature(layer: nn.Linear, outer: nn.Module | None = None) -> tuple
         weight.data_ptr(),
         _version_of(weight),
         None if bias is None else (bias.data_ptr(), _version_of(bias)),
-        None if merged is None else tuple(merged),
+        None if not merged else tuple(_merged_state(outer, name) for name in merged),
     )
+
+
+def _merged_state(outer: nn.Module, name: str) -> tuple:
+    """What a merged PEFT adapter ``name`` wrote into the base weight: its scaling and its factors'
+    storage and version (``fuse_lora(lora_scale=...)`` changes the scaling; an unmerge, edit and
+    merge changes a factor)."""
+    scaling = getattr(outer, "scaling", {})
+    factors = []
+    for attr in ("lora_A", "lora_B"):
+        modules = getattr(outer, attr, None)
+        factor = modules[name] if isinstance(modules, nn.ModuleDict) and name in modules else None
+        weight = getattr(factor, "weight", None)
+        factors.append(None if weight is None else (weight.data_ptr(), _version_of(weight)))
+    return (name, scaling.get(name) if isinstance(scaling, dict) else None, *factors)
 
 
 class CPERuntime:
@@ -252,6 +278,9 @@ class CPERuntime:
         self._hooks: list[Any] = []
         self._wrappers: list[CPELinear] = []
         self._slots: list[tuple[nn.Module, str, CPELinear]] = []
+        # (parent, key, child) on the way from the denoiser to every wrapped attention module,
+        # checked per call: ``ModuleList.insert`` or ``del`` edit ``_modules`` without registering.
+        self._links: list[tuple[nn.Module, str, nn.Module]] = []
         self._verified: tuple | None = None  # (tree edits, generation) at the last full scan that passed
         config = getattr(denoiser, "config", None)
         self._embeds_reach_layers = getattr(config, "encoder_hid_dim_type", None) not in _PROJECTED_TEXT
@@ -277,6 +306,7 @@ class CPERuntime:
             "_concept_sets": ((), []),
             "_thread_selections": 0,
             "_verified": None,  # the copied modules are not watched yet: the copy's first call scans
+            "_links": [],  # found again by that scan, in the copied tree
             "companions": [],
         }
         for key, value in self.__dict__.items():
@@ -357,8 +387,9 @@ class CPERuntime:
             self._route_memo.clear()
             self._concept_sets = ((), [])
             self._state = self._snapshot()
+            _watched_adapters.update(self.adapters.values())
             self._watched = [p for adapter in self.adapters.values() for p in adapter.parameters()]
-            self._param_versions = tuple(_version_of(p) for p in self._watched)
+            self._param_versions = _param_state(self._watched)
             # With per-thread selections, any loaded adapter may act in some thread: every layer
             # then takes the checked path (never the prepared fast path, which is shared).
             active = self.enabled and (self.thread_selections > 0 or self.applies())
@@ -379,7 +410,7 @@ class CPERuntime:
 
     def sync(self) -> None:
         """Bump if the active set, scales or adapter parameters changed since the last bump."""
-        if self._snapshot() != self._state or tuple(_version_of(p) for p in self._watched) != self._param_versions:
+        if self._snapshot() != self._state or _param_state(self._watched) != self._param_versions:
             self.bump()
 
     def participants(self) -> list[tuple[str, CPEAdapter, float]]:
@@ -445,6 +476,7 @@ class CPERuntime:
                 slots.append((attn, proj, wrapper))
                 index += 1
         self._wrappers, self._slots = wrappers, slots
+        self._links = _links_to(denoiser, [path for path, _ in cross_attention_modules(denoiser)])
         self._hooks = [
             denoiser.register_forward_pre_hook(_before_forward, with_kwargs=True),
             denoiser.register_forward_hook(_after_forward, always_call=True),
@@ -471,7 +503,7 @@ class CPERuntime:
             hook.remove()
         self._hooks = []
         self.clear_cache()
-        self._wrappers, self._slots = [], []
+        self._wrappers, self._slots, self._links = [], [], []
 
     def verify(self, full: bool = False) -> None:
         """Fail closed: raise if an active erasure could not be applied by the next forward.
@@ -516,6 +548,7 @@ class CPERuntime:
                 f"The UNet now has {wrapped} cross-attention projections, the erasure was attached to "
                 f"{len(self.layers)}; reload the adapters."
             )
+        self._links = _links_to(denoiser, [path for path, _ in attentions])
         self._verified = (edits, self.generation)
 
     def _check_slots(self) -> None:
@@ -527,6 +560,10 @@ class CPERuntime:
         """
         if self._verified != (_tree_edits, self.generation):
             self.verify()
+        for parent, key, child in self._links:
+            if parent._modules.get(key) is not child:  # a container edited without registration
+                self.verify(full=True)
+                return
         for attn, proj, wrapper in self._slots:
             module = attn._modules.get(proj)
             moved = module is not wrapper and innermost_linear(module)[2] is not wrapper
@@ -560,11 +597,11 @@ class CPERuntime:
         ):
             self.verify()  # the layers compute on their own; check the whole UNet once per call
             return
-        if self.thread_selections:
-            self.verify()  # threads choose their own adapters: layers look up their own entries
-            return
-        self._check_slots()
-        with self._lock:
+        with self._lock:  # a selection made in another thread bumps under this lock: never in between
+            if self.thread_selections:
+                self.verify()  # threads choose their own adapters: layers look up their own entries
+                return
+            self._check_slots()
             entry = self._lookup(embeds)
             for wrapper in self._wrappers:
                 out = self._cached_output(entry, wrapper)
@@ -599,7 +636,10 @@ class CPERuntime:
     def _follow(self, adapter: CPEAdapter, like: torch.Tensor) -> None:
         ref = adapter.gate_v
         if ref.device != like.device or ref.dtype != like.dtype:
-            adapter.to(device=like.device, dtype=like.dtype)
+            # Never as inference tensors (a call under ``torch.inference_mode``): those have no
+            # version counter, so a later in-place edit of the adapter would go unnoticed.
+            with torch.inference_mode(False):
+                adapter.to(device=like.device, dtype=like.dtype)
 
     def residual(self, embeds: torch.Tensor, like: torch.Tensor, remember: bool = False) -> torch.Tensor | None:
         """Routed residual of every layer for ``embeds`` ``[B, T, d]``: ``[B, T, sum(d_out)]``.
@@ -670,23 +710,32 @@ class CPERuntime:
             return True
         return not any(w.weight.requires_grad or (w.bias is not None and w.bias.requires_grad) for w in self._wrappers)
 
+    @staticmethod
+    def _projection_cacheable(layer: CPELinear) -> bool:
+        """Whether ``layer``'s full output may be cached: not with weights that are inference
+        tensors, which have no version counter, so an in-place edit of them could not be seen."""
+        return not (layer.weight.is_inference() or (layer.bias is not None and layer.bias.is_inference()))
+
     def _cached_output(self, entry: _PromptEntry, layer: CPELinear) -> torch.Tensor | None:
         cached = entry.projections.get(layer.cpe_index)
         if cached is None:
             return None
+        outer = self._outer(layer)
         out, signature = cached
-        if signature != (*self._signature(layer), _version_of(out)):
+        if signature != (*_weight_signature(layer, outer), _version_of(out)):
             return None
+        if out.is_inference() and (layer._forward_hooks or (outer is not None and outer._forward_hooks)):
+            return None  # a hook may edit what it is given, and an inference tensor shows no edit
         return out
 
-    def _signature(self, layer: CPELinear) -> tuple:
+    def _outer(self, layer: CPELinear) -> nn.Module | None:
+        """The module in ``layer``'s slot (a PEFT layer wrapping it, or ``layer`` itself)."""
         slots = self._slots
         index = layer.cpe_index
-        outer = None
         if index < len(slots) and slots[index][2] is layer:
             attn, proj, _ = slots[index]
-            outer = attn._modules.get(proj)
-        return _weight_signature(layer, outer)
+            return attn._modules.get(proj)
+        return None
 
     def _entry_residual(self, entry: _PromptEntry, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         residual = entry.residual
@@ -699,7 +748,9 @@ class CPERuntime:
         residual = self._entry_residual(entry, x, weight)
         start, stop = self.layer_offsets[layer.cpe_index], self.layer_offsets[layer.cpe_index + 1]
         out = F.linear(x, weight, layer.bias) + residual[..., start:stop]
-        entry.projections[layer.cpe_index] = (out, (*self._signature(layer), _version_of(out)))
+        if not self._projection_cacheable(layer):
+            return out  # computed afresh on every call; the residual stays cached
+        entry.projections[layer.cpe_index] = (out, (*_weight_signature(layer, self._outer(layer)), _version_of(out)))
         if len(entry.projections) == len(self.layers):
             entry.residual = None  # every layer has its projection; recomputed only if one goes stale
         return out
@@ -768,6 +819,18 @@ class CPERuntime:
             self._concept_sets = ((), [])
             for wrapper in self._wrappers:
                 wrapper.__dict__["cpe_prepared"] = None
+
+
+def _links_to(root: nn.Module, paths: list[str]) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Every ``(parent, key, child)`` step from ``root`` down the dotted ``paths``, each once."""
+    links: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
+    for path in paths:
+        parent = root
+        for key in path.split("."):
+            child = parent._modules[key]
+            links[(id(parent), key)] = (parent, key, child)
+            parent = child
+    return list(links.values())
 
 
 def _offsets(sizes: list[int]) -> list[int]:

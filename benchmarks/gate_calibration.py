@@ -1,6 +1,6 @@
 """Post-hoc gate calibration: does rescaling or re-thresholding a trained gate widen erasure to paraphrases?
 
-The gate of concept ``c`` on token ``t`` is ``g = sigmoid(l)`` with ``l = (S E)[t] . v_c`` (METHOD.md §2).
+The gate of concept ``c`` on token ``t`` is ``g = sigmoid(l)`` with ``l = (S E)[t] . v_c`` (docs/concepts.md).
 Without retraining, two levers change it:
 
 - **sharpening** ``g' = sigmoid(k l)``: the adapter's ``gate_v`` multiplied by ``k`` (no format change);
@@ -66,7 +66,7 @@ UNRELATED: list[str] = [
     "a snowy mountain at sunrise",
     "a cup of coffee next to a laptop",
 ]
-SIMILAR_ANCHORS = 50  # pool concepts the training anchors on (METHOD.md §4)
+SIMILAR_ANCHORS = 50  # pool concepts the training anchors on (docs/training.md)
 NEIGHBOURS = 5
 FLOORS: dict[str, tuple[str, float]] = {
     "retain_drift_neighbours": ("<=", 0.01),

@@ -4,7 +4,7 @@ A tiny random ``SD3Transformer2DModel`` reads the *real* semantic text embedding
 ``tiny_pipeline("sd-semantic")`` (384-d MiniLM): ``joint_attention_dim = 384``, the pooled input is
 the mean of the token embeddings. The ResAG sits on ``context_embedder`` (the Linear that maps the
 prompt embedding into the joint text stream before the first block), whose input is the prompt
-embedding itself, fixed over the denoising loop, so METHOD.md §4's text-only training carries over
+embedding itself, fixed over the denoising loop, so the text-only training of docs/training.md carries over
 with one "layer" of weight ``c = 1``:
 
 - training: the package's own machinery (``training.ConceptRun`` through ``train_one``, ``assemble``)

@@ -1,6 +1,6 @@
 """Per-token gate (no token mixing): does an eraser *trained* with ``S = I`` widen erasure to paraphrases?
 
-The method's gate mixes tokens first (METHOD.md §2): ``Ē = S E`` with ``S = softmax((E A)(E B)^T)``,
+The method's gate mixes tokens first (docs/concepts.md): ``Ē = S E`` with ``S = softmax((E A)(E B)^T)``,
 ``g = sigmoid(Ē v)`` and residual ``(g ⊙ Ē) D U``. The per-token option drops the mixing: ``S = I``,
 so ``Ē = E``, ``g_t = sigmoid(E_t · v)`` and the residual is ``(g ⊙ E) D U``; ``A`` and ``B`` are unused.
 The library has no such option, so this script monkeypatches the two functions every path goes

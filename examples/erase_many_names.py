@@ -2,14 +2,18 @@
 
 python examples/erase_many_names.py --base stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda
 python examples/erase_many_names.py --count 3 --steps 200      # quick, offline, tiny pipeline
+accelerate launch --num_processes 2 --cpu examples/erase_many_names.py --count 4 --steps 200
+
+Under ``accelerate launch`` the concepts are shared out over the processes
+(``cpe_adapter.distributed.train_many``); every process gets the merged adapter, the main one saves it.
 """
 
 from __future__ import annotations
 
 import argparse
 
-import cpe_adapter
 from cpe_adapter.cli import load_pipeline
+from cpe_adapter.distributed import process_layout, train_many
 from cpe_adapter.pools import concept_pool
 
 
@@ -24,10 +28,10 @@ def main() -> None:
 
     pipe = load_pipeline(args.base, args.device)
     names = concept_pool("names")[: args.count]
-    adapter = cpe_adapter.train_cpe(pipe, names, preset="names", steps=args.steps, device=args.device)
-    adapter.save_pretrained(args.out)
-    print(f"{adapter.num_concepts} names erased by one adapter, saved to {args.out}")
-    print("train on several GPUs or machines with: accelerate launch examples/erase_many_names.py ...")
+    adapter = train_many(pipe, names, preset="names", steps=args.steps, device=args.device)
+    if process_layout()[0] == 0:
+        adapter.save_pretrained(args.out)
+        print(f"{adapter.num_concepts} names erased by one adapter, saved to {args.out}")
 
 
 if __name__ == "__main__":

@@ -16,16 +16,24 @@ def main() -> None:
     parser.add_argument("--base", default="tiny:sd-semantic")
     parser.add_argument("--adapter", required=True)
     parser.add_argument("--erased", default="Van Gogh")
-    parser.add_argument("--paraphrase", action="append", default=["Vincent van Gogh"])
-    parser.add_argument("--retained", action="append", default=["Claude Monet", "Rembrandt", "a red car"])
+    parser.add_argument("--paraphrase", action="append", help="another way to say the erased concept (repeatable)")
+    parser.add_argument("--retained", action="append", help="a concept that must be kept (repeatable)")
     parser.add_argument("--out", default="outputs/eval")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
+    # Defaults for the built-in example (Van Gogh); given values replace them, never add to them.
+    paraphrases = args.paraphrase or (["Vincent van Gogh"] if args.erased == "Van Gogh" else [])
+    retained = args.retained or ["Claude Monet", "Rembrandt", "a red car"]
 
     pipe = load_pipeline(args.base, args.device)
     pipe.load_cpe_adapter(args.adapter)
     report = cpe_adapter.evaluate(
-        pipe, [args.erased], args.retained, paraphrases={args.erased: args.paraphrase}, attack=True, images=True
+        pipe,
+        [args.erased],
+        [r for r in retained if r != args.erased],
+        paraphrases={args.erased: paraphrases} if paraphrases else None,
+        attack=True,
+        images=True,
     )
     report.save(args.out)
     print(report.to_markdown())

@@ -104,7 +104,7 @@ def reference_images() -> Callable[..., np.ndarray]:
     """Outputs of a never-touched tiny SD pipeline, memoised by their arguments.
 
     The pipeline behind it never gets an adapter, a LoRA or a dtype change, so its images are the
-    "pipeline without adapters" of API.md §1.
+    "pipeline without adapters" of docs/api.md.
     """
     pipe = tiny_pipeline("sd")
     memo: dict[str, np.ndarray] = {}

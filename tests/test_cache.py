@@ -58,7 +58,7 @@ def generate(pipe, prompt, guidance: float = 5.0, per_prompt: int = 1) -> torch.
 
 
 def reference_residual(embeds: torch.Tensor, adapters: list[tuple[str, CPEAdapter, float]]) -> torch.Tensor:
-    """METHOD.md §3 written out naively: every concept's residual, then top-1 gate per token."""
+    """docs/concepts.md written out naively: every concept's residual, then top-1 gate per token."""
     gates, residuals, scales = [], [], []
     for _, adapter, scale in sorted(adapters, key=lambda item: item[0]):
         with torch.no_grad():

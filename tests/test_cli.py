@@ -103,6 +103,7 @@ def test_train_saves_a_loadable_adapter_and_resumes(tmp_path: Path, capsys: Any)
     argv = ["train", "--base", "tiny:sd", "--erase", "Van Gogh", "--preset", "styles", "--steps", "20"]
     result = run_json(capsys, *argv, "--out", str(out))
     assert result["concepts"] == ["Van Gogh"] and result["preset"] == "styles"
+    assert set(result["losses"]["Van Gogh"]) >= {"erase", "anchor"}, "the final losses of each concept"
     adapter = CPEAdapter.from_pretrained(out)
     assert adapter.config.concept_names == ["Van Gogh"] and adapter.config.base_model == "tiny:sd"
     assert float(adapter.up.detach().abs().sum()) > 0, "training must move the residual away from zero"
@@ -131,6 +132,11 @@ def test_eval_writes_the_report_and_the_suite_sets_its_size(saved_adapter: Path,
     full = run_json(capsys, *base, "--suite", "full", "--no-attack", "--out", str(tmp_path / "full"))
     retained = {name for name, row in full["per_concept"].items() if row["role"] == "retained"}
     assert len(retained) == 20 and "Van Gogh" not in retained
+    from cpe_adapter.pools import concept_pool
+    from cpe_adapter.training_data import similar_concepts
+
+    nearest = similar_concepts(tiny_pipeline("sd"), "Van Gogh", concept_pool("styles"), 20)
+    assert retained == set(nearest), "by default the pool concepts nearest the erased one are retained"
     assert sum(row["role"] == "retained" for row in quick["per_concept"].values()) == 5
     assert (quick["settings"]["attack_budget"], full["settings"]["attack_budget"]) == (256, 1024)
     assert (quick["settings"]["embedding_steps"], full["settings"]["embedding_steps"]) == (50, 200)

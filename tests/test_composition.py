@@ -42,7 +42,7 @@ def copy_of(adapter: CPEAdapter) -> CPEAdapter:
 
 
 def expected_routed_residual(embeds: torch.Tensor, named: list[tuple[str, CPEAdapter, float]]) -> torch.Tensor:
-    """METHOD.md §3 by hand in float64: per token, the largest gate over all concepts of all adapters
+    """docs/concepts.md by hand in float64: per token, the largest gate over all concepts of all adapters
     with non-zero scale (ties: first adapter by name, then first concept) applies only its residual."""
     embeds = embeds.double()
     candidates = []  # (gates [B, T], mixed [B, T, d], adapter, concept, scale) in routing order

@@ -506,7 +506,7 @@ def test_controlnet_attached_after_loading_is_refused_until_a_cpe_call_erases_it
 
 
 def test_importing_patches_no_diffusers_attribute() -> None:
-    """API.md: ``import cpe_adapter`` adds names only and never overrides an existing attribute."""
+    """The contract (docs/api.md): ``import cpe_adapter`` adds names only and never overrides an existing attribute."""
     code = (
         "import diffusers\n"
         "before = {k: v for k, v in vars(diffusers.DiffusionPipeline).items()}\n"

@@ -1,7 +1,7 @@
 """Converting checkpoints of the paper's reference implementation (``cpe_adapter.convert``).
 
 The reference files are generated here in the reference layout (random values), and the converted
-adapter's residual is checked against a direct float64 computation of METHOD.md §2 with the key
+adapter's residual is checked against a direct float64 computation of docs/concepts.md with the key
 projection tied to the query one, as in the reference code.
 """
 
@@ -65,7 +65,7 @@ def write(tensors: dict[str, torch.Tensor], path: Path) -> Path:
 
 
 def direct_residuals(tensors: dict[str, torch.Tensor], pipe: Any, embeds: torch.Tensor) -> torch.Tensor:
-    """METHOD.md §2 in float64 from the raw reference tensors, key side tied to A.
+    """docs/concepts.md in float64 from the raw reference tensors, key side tied to A.
 
     ``S = softmax((E A)(E A)^T)``, ``Ē = S E``, ``g = sigmoid(Ē v)``,
     ``R_l = (alpha / r) (g ⊙ Ē) D_l U_l``; layers concatenated along the output axis.

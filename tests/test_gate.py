@@ -1,4 +1,4 @@
-"""ResAG gate math (METHOD.md §2-3) against a direct per-token reference, and initialisation."""
+"""ResAG gate math (docs/concepts.md-3) against a direct per-token reference, and initialisation."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ LAYERS = [TargetLayer("a.attn2.to_k", D, 3), TargetLayer("a.attn2.to_v", D, 4), 
 
 
 def reference_gate(embeds: torch.Tensor, a: torch.Tensor, b: torch.Tensor, v: torch.Tensor):
-    """METHOD.md §2 steps 1-3 for one prompt ``[T, d]`` and one concept, written out with loops.
+    """docs/concepts.md steps 1-3 for one prompt ``[T, d]`` and one concept, written out with loops.
 
     Returns ``(S, Ē, g)``: ``S[t, s] = softmax_s((E_t A)·(E_s B))``, ``Ē_t = Σ_s S[t, s] E_s``,
     ``g_t = sigmoid(Ē_t · v)``.
@@ -39,7 +39,7 @@ def reference_gate(embeds: torch.Tensor, a: torch.Tensor, b: torch.Tensor, v: to
 
 
 def reference_residual(embeds: torch.Tensor, adapter: CPEAdapter, concept: int) -> torch.Tensor:
-    """METHOD.md §2 step 4 for every layer of one concept: ``(alpha/r) (g ⊙ Ē) D_l U_l``, concatenated."""
+    """docs/concepts.md step 4 for every layer of one concept: ``(alpha/r) (g ⊙ Ē) D_l U_l``, concatenated."""
     cfg = adapter.config
     _, mixed, gates = reference_gate(
         embeds, adapter.gate_a[concept], adapter.key_weight()[concept], adapter.gate_v[concept]

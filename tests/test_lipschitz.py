@@ -1,4 +1,4 @@
-"""Layer weights c_l: the Lipschitz bounds of METHOD.md §4, checked against direct SVDs."""
+"""Layer weights c_l: the Lipschitz bounds of docs/training.md, checked against direct SVDs."""
 
 from __future__ import annotations
 

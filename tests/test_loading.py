@@ -1,4 +1,4 @@
-"""Saving and loading adapters: every accepted source, the file layout of API.md §2, names."""
+"""Saving and loading adapters: every accepted source, the file layout of docs/format.md, names."""
 
 from __future__ import annotations
 
@@ -170,6 +170,17 @@ def test_default_names_are_unique_and_returned(saved, adapter):
     assert first == "vg-eraser" and second != first and third == "monet"
     assert sorted(pipe.list_cpe_adapters()) == sorted([first, second, third])
     assert pipe.get_active_cpe_adapters() == [first, second, third]
+
+
+def test_an_unnamed_adapter_is_named_after_its_folder_or_file(adapter, tmp_path):
+    unnamed = CPEAdapter.from_state_dict(adapter.file_state_dict(), {**adapter.config.to_dict(), "name": None})
+    unnamed.save_pretrained(tmp_path / "erase-monet")
+    (tmp_path / "loose").mkdir()
+    shutil.copyfile(tmp_path / "erase-monet" / "cpe_adapter.safetensors", tmp_path / "loose" / "monet-v2.safetensors")
+    pipe = tiny_pipeline("sd")
+    assert pipe.load_cpe_adapter(tmp_path / "erase-monet") == "erase-monet"
+    assert pipe.load_cpe_adapter(tmp_path / "erase-monet" / "cpe_adapter.safetensors") == "erase-monet_1"
+    assert pipe.load_cpe_adapter(tmp_path / "loose" / "monet-v2.safetensors") == "monet-v2"
 
 
 def test_save_needs_a_name_when_several_are_loaded(saved, tmp_path):

@@ -42,7 +42,7 @@ def test_active_adapter_changes_output(sd_pipe, reference_images, erased_image):
 
 
 def test_untrained_adapter_is_exactly_a_no_op(sd_pipe, reference_images):
-    # Freshly initialised: U = 0, so the residual is exactly zero (METHOD.md §2).
+    # Freshly initialised: U = 0, so the residual is exactly zero (docs/concepts.md).
     sd_pipe.load_cpe_adapter(cpe_adapter.CPEAdapter.for_pipeline(sd_pipe, "Van Gogh"))
     np.testing.assert_array_equal(generate(sd_pipe), reference_images())
 

@@ -65,7 +65,7 @@ class CPEAdapter(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """METHOD.md §2 initialisation: tiny gates (uniform mixing), gate at 0.5, zero residual."""
+        """Initialisation (docs/concepts.md): tiny gates (uniform mixing), gate at 0.5, zero residual."""
         with torch.no_grad():
             self.gate_a.normal_(0.0, GATE_INIT_STD)
             self.gate_b.normal_(0.0, GATE_INIT_STD)

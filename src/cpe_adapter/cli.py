@@ -252,7 +252,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     adapter.config.base_model = adapter.config.base_model or args.base
     adapter.save_pretrained(out)
     payload = {"out": str(out), "concepts": concepts, "preset": args.preset, "seconds": round(seconds, 2)}
-    payload["losses"] = adapter.config.training.get("final_losses")
+    payload["losses"] = adapter.config.training.get("final_loss")
     if args.push_to_hub:
         payload["commit_url"] = adapter.push_to_hub(args.push_to_hub)
     _emit(args, payload, f"Trained an eraser for {concepts} in {seconds:.1f} s; saved to {out}")
@@ -276,7 +276,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     names = _load_adapters(pipe, args.adapter)
     configs = [c for name, c in __import__("cpe_adapter").list_cpe_adapters(pipe).items() if name in names]
     erased = args.erase or [c.name for config in configs for c in config.concepts]
-    retained = args.retain or _default_retained(configs, erased, neighbours)
+    retained = args.retain or _default_retained(pipe, configs, erased, neighbours)
     report = evaluate(
         pipe,
         erased,
@@ -298,13 +298,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_retained(configs: Sequence[Any], erased: Sequence[str], count: int) -> list[str]:
+def _default_retained(pipe: Any, configs: Sequence[Any], erased: Sequence[str], count: int) -> list[str]:
+    """The ``count`` pool concepts nearest the erased ones under the pipeline's own text encoder
+    (taken in turn from each erased concept's list): the neighbours an eraser is likeliest to hurt."""
     from .pools import concept_pool
+    from .training_data import similar_concepts
 
     domain = next((c.preset for c in configs if c.preset), "styles")
     lowered = [e.lower() for e in erased]
     pool = [p for p in concept_pool(domain) if not any(e in p.lower() or p.lower() in e for e in lowered)]
-    return pool[:count]
+    nearest = [similar_concepts(pipe, concept, pool, count) for concept in erased]
+    retained: list[str] = []
+    for rank in range(count):
+        for names in nearest:
+            if rank < len(names) and names[rank] not in retained:
+                retained.append(names[rank])
+    return retained[:count]
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -380,8 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--suite",
         choices=list(EVAL_SUITES),
         default="quick",
-        help="size of the evaluation: quick = 5 retained neighbours, prompt attack of 256 candidates on 1 "
-        "prompt per concept, 50 embedding-attack steps, 2 image prompts; full = 20, 1024 on 3 prompts, 200, 5",
+        help="size of the evaluation: quick = the 5 nearest pool concepts retained, a prompt attack of 256 "
+        "candidates on 1 prompt per concept, 50 embedding-attack steps, 2 image prompts; full = 20, 1024 on 3 "
+        "prompts, 200, 5",
     )
     p.add_argument("--no-attack", action="store_true", help="skip the red-teaming attacks")
     p.add_argument("--images", action="store_true", help="also measure image shifts (slower)")

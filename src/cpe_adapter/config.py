@@ -44,7 +44,7 @@ class ConceptSpec:
     Attributes:
         name: the concept as users write it ("Van Gogh").
         neutral: the phrase it is mapped toward ("real photograph", "a person").
-        eta: over-shoot of the erase target, ``(1 + eta) P(E_n) - eta P(E_t)`` (METHOD.md §4).
+        eta: over-shoot of the erase target, ``(1 + eta) P(E_n) - eta P(E_t)`` (docs/training.md).
     """
 
     name: str

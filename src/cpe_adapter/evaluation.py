@@ -1,8 +1,8 @@
 """Measuring an erasure: `evaluate` compares a pipeline *as it is now* with the same pipeline unerased.
 
-Everything is measured on the cross-attention keys and values, where CPE acts (METHOD.md §1).
+Everything is measured on the cross-attention keys and values, where CPE acts (docs/concepts.md).
 With ``P_l`` the original projection of layer ``l`` (adapters disabled) and ``P'_l`` the projection
-as it is (active adapters), and the METHOD.md §4 layer weights ``c_l``:
+as it is (active adapters), and the layer weights (docs/training.md) ``c_l``:
 
 - **erase score** of a prompt embedding ``E_t`` with neutral counterpart ``E_n``: the erase target is
   ``G_l = (1 + eta) P_l(E_n) - eta P_l(E_t)``; the score is the layer-weighted projection of the move
@@ -10,7 +10,7 @@ as it is (active adapters), and the METHOD.md §4 layer weights ``c_l``:
   0 when nothing moved, 1 when the target is reached (it can exceed 1 or go negative);
 - **retain drift** of a prompt embedding ``E``: ``sqrt(sum_l c_l ||P'_l(E) - P_l(E)||^2 / sum_l c_l ||P_l(E)||^2)``,
   the layer-weighted relative change (0 = untouched);
-- attack recoveries (:mod:`cpe_adapter.attacks`) and image shifts (API.md §3).
+- attack recoveries (:mod:`cpe_adapter.attacks`) and image shifts (docs/api.md).
 
 Inner products and norms run over every token (padding included: the UNet attends to all of them)
 and every output channel. A concept's figure is the mean over its prompts; an overall figure is the

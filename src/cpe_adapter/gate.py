@@ -10,7 +10,7 @@ For a prompt embedding ``E`` (T tokens x d) and concept ``c`` with gate paramete
 
 Since ``Ē_c v_c = S_c (E v_c)``, the gate of every concept is found without forming ``Ē_c``;
 ``Ē`` is only built for the concept each token is routed to (top-1 over gate values, §3 of
-METHOD.md). Everything here is batched over a concept axis ``N`` and a batch axis ``B``.
+docs/concepts.md). Everything here is batched over a concept axis ``N`` and a batch axis ``B``.
 
 Inference (:func:`best_concepts`, :func:`routed_residual`) streams over concepts and tokens in
 chunks, so memory stays bounded by the chunk size however many concepts an adapter holds, and no
@@ -103,7 +103,7 @@ def _route(
     The softmax is never normalised as a whole: with ``u_tj = 2^(z'_tj - max_j z'_tj)``, where
     ``z' = (E A log2 e)(E B)^T`` are the logits in base 2, the gate logit is
     ``S_t · (E v) = (u_t · E v) / sum_j u_tj``, and only the winning row of ``u`` is divided by its
-    sum. That is METHOD.md's softmax without dividing every ``T x T`` matrix, exponentiated with
+    sum. That is the method's softmax (docs/concepts.md) without dividing every ``T x T`` matrix, exponentiated with
     ``exp2`` (about 3x cheaper than ``exp`` on CPU); 1,000 concepts at d = 32 route in 0.6-0.7x
     the time of the normalised form.
     """

@@ -1,4 +1,4 @@
-"""Layer weights ``c_l`` (METHOD.md §4): how much a change of K or V can move attention outputs.
+"""Layer weights ``c_l`` (docs/training.md): how much a change of K or V can move attention outputs.
 
 For a cross-attention layer with query, value and output weights ``W_q``, ``W_v``, ``W_o`` and
 ``T`` text tokens, a change ``ΔK`` of the keys moves the attention output by at most

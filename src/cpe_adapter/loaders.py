@@ -1,4 +1,4 @@
-"""The public pipeline operations of API.md §1, as functions taking a pipeline or a UNet.
+"""The public pipeline operations of docs/api.md, as functions taking a pipeline or a UNet.
 
 ``import cpe_adapter`` also installs each of them as a method of ``diffusers.DiffusionPipeline``
 (see :func:`register_pipeline_methods`). Every operation validates everything first and only then
@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from .adapter import CPEAdapter
-from .config import CPEConfig
+from .config import CONFIG_NAME, WEIGHTS_NAME, CPEConfig
 from .controlnets import remember_pipeline, sync_companions
 from .errors import CPEAdapterError
 from .hub import load_adapter, push_adapter
@@ -43,8 +43,10 @@ def _default_name(source: Any, config: CPEConfig) -> str:
     if config.name:
         return config.name
     if isinstance(source, (str, os.PathLike)):
-        stem = Path(str(source).rstrip("/\\")).stem
-        return re.sub(r"[^\w.-]+", "_", stem) or "default"
+        path = Path(str(source).rstrip("/\\"))
+        if path.name in (WEIGHTS_NAME, CONFIG_NAME):  # a file inside an adapter folder: the folder names it
+            path = path.parent
+        return re.sub(r"[^\w.-]+", "_", path.stem) or "default"
     return "default"
 
 
@@ -75,7 +77,8 @@ def load_cpe_adapter(
     Args:
         pretrained_model_name_or_path_or_dict: a Hub repo id, a local folder, a ``.safetensors``
             file, ``(state_dict, config)`` or a :class:`CPEAdapter`.
-        adapter_name: name to register it under; default: the config's name (made unique).
+        adapter_name: name to register it under; default: the config's name, else the adapter's
+            folder or file name, else ``"default"`` (made unique).
         scale: strength of this adapter's residual (0 takes it out of routing).
 
     Returns:
@@ -278,7 +281,11 @@ def push_cpe_adapter_to_hub(
 
 
 def clear_cpe_cache(pipe: Any) -> None:
-    """Drop cached per-prompt projections (only needed after editing base weights via ``.data``)."""
+    """Drop cached per-prompt projections and routes.
+
+    Only needed after writes that bypass autograd's version counter: ``weight.data = ...`` or
+    ``embeds.data.mul_(...)``, or an edit through a NumPy array sharing a tensor's memory.
+    """
     runtime = get_runtime(denoiser_of(pipe))
     if runtime is not None:
         runtime.clear_cache()

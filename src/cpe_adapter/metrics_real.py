@@ -1,4 +1,4 @@
-"""Optional image metrics with real models, as the paper reports them (METHOD.md §5).
+"""Optional image metrics with real models, as the paper reports them (docs/evaluation.md).
 
 - :func:`clip_score`: CLIP score of images against their prompts, ``100 * max(cos(image, text), 0)``
   averaged (Hessel et al. 2021; the paper's artist and COCO figures), with ``transformers``'

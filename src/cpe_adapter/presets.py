@@ -1,4 +1,4 @@
-"""Training presets of METHOD.md §4: one per domain of concepts."""
+"""Training presets of docs/training.md: one per domain of concepts."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class Preset:
         alpha: residual strength.
         similar_anchors: how many most-similar pool concepts are used as anchors.
         anchor_templates: how many templates each anchor concept is filled into (``None``: every
-            template, as METHOD.md §4 lists it). The templates rotate from one anchor concept to
+            template, as the paper does). The templates rotate from one anchor concept to
             the next, so together the anchors still cover every template; the sampled mixups of two
             anchors then cover many more (concept, template) pairs than are encoded. Encoding is most
             of the one-off cost of training on a CPU, and this keeps it to a fraction.

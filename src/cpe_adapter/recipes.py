@@ -1,6 +1,6 @@
 """Training recipes: how the erase *target set* of a concept is built.
 
-The faithful recipe (METHOD.md §4, ``recipe="paper"``, the default) trains the erase loss on one
+The faithful recipe (docs/training.md, ``recipe="paper"``, the default) trains the erase loss on one
 string, the concept itself, filled into the templates. The other recipes (:data:`RECIPES`) widen
 the target set; an erase step then draws its target from
 

@@ -1,6 +1,6 @@
 """Routing prompt rows over the participating adapters, and remembering rows that recur.
 
-METHOD.md §3: per token, the concept with the largest gate over all participating adapters wins,
+Per token (docs/concepts.md), the concept with the largest gate over all participating adapters wins,
 and only its residual is applied, times its adapter's scale. The routing (every concept's gate) is
 the part whose cost grows with the number of concepts, ``O(N·T·(d·m + T·m))`` per prompt row.
 

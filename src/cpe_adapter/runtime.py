@@ -645,7 +645,7 @@ class CPERuntime:
         """Routed residual of every layer for ``embeds`` ``[B, T, d]``: ``[B, T, sum(d_out)]``.
 
         Per token, the concept with the largest gate over all participating adapters wins
-        (METHOD.md §3); only its residual is applied, times its adapter's scale
+        (docs/concepts.md); only its residual is applied, times its adapter's scale
         (:mod:`~cpe_adapter.routing`). Each row is routed on its own; with ``remember`` (callers
         that may cache, so nothing needs autograd) the routing of recurring rows, such as the
         negative prompt of every call, comes from the :class:`~cpe_adapter.routing.RouteMemo`.

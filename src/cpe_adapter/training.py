@@ -1,4 +1,4 @@
-"""Training CPE erasers (METHOD.md §4): no UNet forward, no images, only text embeddings.
+"""Training CPE erasers (docs/training.md): no UNet forward, no images, only text embeddings.
 
 Every prompt is encoded once with the pipeline's own text encoder (:mod:`training_data`); the
 losses then run on the frozen cross-attention ``to_k``/``to_v`` weights alone. Training is a
@@ -1194,10 +1194,12 @@ def train_cpe(
         concepts: a concept string, a :class:`ConceptSpec`, or a list; several concepts are trained
             one after another (each with fresh parameters and its own neutral phrase and eta) and
             stacked on the concept axis.
-        preset: ``"names"``, ``"styles"`` or ``"explicit"`` (METHOD.md §4's table).
+        preset: ``"names"``, ``"styles"`` or ``"explicit"`` (the presets table of docs/training.md).
         anchors: concepts to preserve instead of the default anchors (the domain's general words and
-            the ~50 pool concepts most similar to the target); each is filled into every template
-            (for ``"explicit"`` they are whole sentences).
+            the ~50 pool concepts most similar to the target); each is filled into
+            ``anchor_templates`` of the templates (8 by default; ``anchor_templates=None`` for
+            every template), rotating from one anchor to the next (for ``"explicit"`` they are
+            whole sentences).
         steps: total erase iterations; the stage schedule (attack iterations too) scales to it.
         seed: makes the run deterministic on a given device (a local generator; the global RNG is
             neither used nor changed). Concept ``i`` uses a seed derived from ``(seed, i, name)``.
@@ -1211,7 +1213,7 @@ def train_cpe(
         resume_from: continue the run checkpointed in this folder; the result equals an
             uninterrupted run's bit for bit (same device).
         recipe: how the erase target set is built (:mod:`cpe_adapter.recipes`): ``"paper"`` (the
-            default, also for ``None``) trains on the concept string alone, exactly METHOD.md §4;
+            default, also for ``None``) trains on the concept string alone, the paper's recipe;
             ``"spans"``, ``"region"``, ``"typos"`` and ``"nearest"`` also erase variants generated
             from the concept (sub-spans, spellings, nearest vocabulary tokens, points of its
             embedding region); none of them beat ``"paper"`` on held-out paraphrases (docs).

@@ -1,4 +1,4 @@
-"""Prompts and text embeddings for training (METHOD.md §4, "Data").
+"""Prompts and text embeddings for training (docs/training.md).
 
 Training never runs the UNet: every prompt is encoded once with the pipeline's own text
 encoder(s), exactly as generation encodes it (``pipe.encode_prompt``), and cached. This module

@@ -30,7 +30,7 @@ from cpe_adapter.training import (
     stage_schedule,
     train_cpe,
 )
-from cpe_adapter.training_data import encode_prompts, fill_rotating
+from cpe_adapter.training_data import anchor_prompts, encode_prompts, fill_rotating
 
 TEMPLATES = ["{}", "a photo of {}", "a painting by {}", "{} walking in the park", "art by {}", "a portrait of {}"]
 ANCHORS = ["a dog", "a red car", "a house", "a tree", "Picasso", "Monet", "Van Gogh"]
@@ -150,6 +150,20 @@ def test_anchor_templates_rotate_so_the_anchors_cover_every_template():
     assert {p.split()[0] for p in prompts} == {f"t{i}" for i in range(7)}  # together: all of them
     assert fill_rotating(templates, concepts, None) == [t.replace("{}", c) for c in concepts for t in templates]
     assert fill_rotating(templates, concepts, 50) == fill_rotating(templates, concepts, None)
+
+
+@pytest.mark.parametrize(("target", "domain"), [("Cubism", "styles"), ("impressionism", "styles")])
+def test_no_anchor_contains_the_target(pipe, target, domain):
+    """Not even a general word of the domain ("cubism" when "Cubism" is erased) or an everyday
+    sentence: anchoring the target would hold in place what the erase loss moves."""
+    from cpe_adapter import pools
+
+    shared, specific = anchor_prompts(
+        pipe, target, domain, pools.templates(domain), anchors=None, similar=5, per_concept=2
+    )
+    assert shared or specific
+    assert not [p for p in shared + specific if target.lower() in p.lower()]
+    assert any(target.lower() in word.lower() for word in pools.general_words(domain)), "such general words exist"
 
 
 def test_steps_scale_the_stage_schedule():

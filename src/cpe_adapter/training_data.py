@@ -231,12 +231,17 @@ def anchor_prompts(
     Default: the domain's general words and the ``similar`` most similar pool concepts, each in
     ``per_concept`` templates (:func:`fill_rotating`; ``None``: every template); for ``"explicit"``
     the everyday sentences as they are. A user ``anchors`` list replaces both (concepts filled into
-    templates the same way; whole sentences for ``"explicit"``); its entries that contain the
-    target are left out, as in the default pool.
+    templates the same way; whole sentences for ``"explicit"``). Every anchor that contains the
+    target is left out (a general word such as "cubism" when "Cubism" is erased): anchoring it
+    would hold in place what the erase loss moves.
     """
+    lowered = target.lower()
+
+    def without_target(entries: Sequence[str]) -> list[str]:
+        return [e for e in entries if lowered not in e.lower()]
+
     if anchors is not None:
-        lowered = target.lower()
-        anchors = [a for a in (str(x).strip() for x in anchors) if a and lowered not in a.lower()]
+        anchors = without_target([a for a in (str(x).strip() for x in anchors) if a])
         if not anchors:
             raise CPEAdapterError(
                 "`anchors` is empty (entries containing the target are left out); pass some concepts to preserve, "
@@ -246,8 +251,8 @@ def anchor_prompts(
             return [], list(anchors)
         return [], fill_rotating(templates, anchors, per_concept)
     if domain == "explicit":
-        return list(pools.concept_pool("explicit")), []
-    shared = fill_rotating(templates, pools.general_words(domain), per_concept)
+        return without_target(pools.concept_pool("explicit")), []
+    shared = fill_rotating(templates, without_target(pools.general_words(domain)), per_concept)
     chosen = similar_concepts(pipe, target, pools.concept_pool(domain), similar)
     return shared, fill_rotating(templates, chosen, per_concept)
 

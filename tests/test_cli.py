@@ -42,21 +42,28 @@ def test_inspect_reports_concepts_sizes_and_a_verified_hash(saved_adapter: Path,
 
 
 def test_inspect_flags_tampered_weights_and_another_base(saved_adapter: Path, tmp_path: Path, capsys: Any) -> None:
-    adapter = CPEAdapter.from_pretrained(saved_adapter)
+    from safetensors import safe_open
+
     tampered = tmp_path / "tampered"
-    adapter.save_pretrained(tampered)
-    config = json.loads((tampered / "cpe_config.json").read_text())
-    other = CPEAdapter.from_pretrained(saved_adapter)
-    other.gate_v.data.add_(1.0)
-    other.save_pretrained(tmp_path / "other")
-    (tmp_path / "other" / "cpe_config.json").write_text(json.dumps(config))
-    (tampered / "cpe_adapter.safetensors").unlink()
-    (tmp_path / "other" / "cpe_adapter.safetensors").rename(tampered / "cpe_adapter.safetensors")
-    # Same layout, other weights: it loads, but the recorded hash no longer matches.
+    CPEAdapter.from_pretrained(saved_adapter).save_pretrained(tampered)
+    weights = tampered / "cpe_adapter.safetensors"
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(weights)
+    tensors["gate.v"] = tensors["gate.v"] + 1.0
+    save_file(tensors, weights, metadata=metadata)  # edited in place, header (and its hash) kept
+    # Same layout, both config copies agree: it loads, but the recorded hash no longer matches.
     info = run_json(capsys, "inspect", str(tampered), "--base", "some/other-model")
     assert info["hash_verified"] is False
     assert any("weights_sha256" in w for w in info["warnings"])
     assert any("other-model" in w for w in info["warnings"])
+    # Another adapter's weights file (its header has its own hash) under this config: refused.
+    other = CPEAdapter.from_pretrained(saved_adapter)
+    other.gate_v.data.add_(1.0)
+    other.save_pretrained(tmp_path / "other")
+    (tmp_path / "other" / "cpe_adapter.safetensors").replace(weights)
+    assert main(["inspect", str(tampered)]) == 2
+    assert "weights_sha256" in capsys.readouterr().err
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: Any) -> None:

@@ -24,7 +24,7 @@ from cpe_adapter import (
     ErasureIntegrityError,
     IncompatibleAdapterError,
 )
-from cpe_adapter.config import CONFIG_NAME, WEIGHTS_NAME
+from cpe_adapter.config import CONFIG_NAME, METADATA_KEY, WEIGHTS_NAME
 from cpe_adapter.testing import tiny_pipeline
 
 
@@ -168,6 +168,79 @@ def test_missing_path(loaded, tmp_path):
 def test_weights_without_any_config(loaded, good_folder, tmp_path):
     save_file(loaded.adapter.file_state_dict(), str(tmp_path / WEIGHTS_NAME))  # no metadata
     refused(loaded, AdapterFileError, ["cpe_adapter_metadata", CONFIG_NAME], loaded.pipe.load_cpe_adapter, tmp_path)
+
+
+def _lone_file(loaded: Loaded, folder: Path, header: str, tensors: dict | None = None) -> Path:
+    """A lone weights file whose header carries ``header`` as its config copy."""
+    path = folder / "lone.safetensors"
+    save_file(tensors or loaded.adapter.file_state_dict(), str(path), metadata={METADATA_KEY: header})
+    return path
+
+
+@pytest.mark.parametrize(
+    ("mutate", "words"),
+    [
+        (lambda text: text.replace('"gate_rank": ', '"gate_rank": 1' + "0" * 5000 + "+"), ["not valid json"]),
+        (lambda text: "[" * 100_000 + "]" * 100_000, ["not valid json"]),
+        (lambda text: text.replace('"training": {', '"training": {"deep": ' + "[" * 40 + "]" * 40 + ", "), ["nests"]),
+        (lambda text: text.replace('"alpha": 1.0', '"alpha": 1e30'), ["alpha"]),
+        (lambda text: text.replace('"alpha": 1.0', '"alpha": 0'), ["alpha"]),
+    ],
+    ids=["huge-integer", "deep-nesting", "nested-training", "huge-alpha", "zero-alpha"],
+)
+def test_hostile_config_text_in_a_folder_and_in_a_lone_file(loaded, good_folder, tmp_path, mutate, words):
+    text = mutate((good_folder / CONFIG_NAME).read_text())
+    assert text != (good_folder / CONFIG_NAME).read_text()
+    (tmp_path / "folder").mkdir()
+    shutil.copyfile(good_folder / WEIGHTS_NAME, tmp_path / "folder" / WEIGHTS_NAME)
+    (tmp_path / "folder" / CONFIG_NAME).write_text(text)
+    refused(loaded, CPEAdapterError, words, loaded.pipe.load_cpe_adapter, tmp_path / "folder", "bad")
+    refused(loaded, CPEAdapterError, words, loaded.pipe.load_cpe_adapter, _lone_file(loaded, tmp_path, text), "bad")
+
+
+def test_weights_that_overflow_the_parameter_dtype(loaded, tmp_path):
+    """Finite in the file, infinite once stored: float64 beyond float32's range, or float32 values
+    beyond float16's range in a float16 pipeline."""
+    tensors = {k: v.double() for k, v in loaded.adapter.file_state_dict().items()}
+    tensors["gate.v"][0, 0] = 1e300
+    header = loaded.adapter.config.to_json_string()
+    refused(
+        loaded,
+        AdapterFileError,
+        ["overflows"],
+        loaded.pipe.load_cpe_adapter,
+        _lone_file(loaded, tmp_path, header, tensors),
+    )
+    source = (tensors, loaded.adapter.config)
+    refused(loaded, AdapterFileError, ["overflows"], loaded.pipe.load_cpe_adapter, source, "bad")
+    half = tiny_pipeline("sd").to(torch.float16)
+    big = {k: v.clone() for k, v in loaded.adapter.file_state_dict().items()}
+    big["gate.v"][0, 0] = 1e5
+    with pytest.raises(AdapterFileError, match="float16"):
+        half.load_cpe_adapter((big, loaded.adapter.config), "big")
+    assert half.list_cpe_adapters() == {}
+
+
+def test_a_save_torn_between_two_adapters_of_one_structure_is_refused(loaded, tmp_path, monkeypatch):
+    """Same concepts and layout, other weights: the weights' hash in the two copies tells them apart."""
+    first = random_adapter(loaded.pipe, seed=31)
+    first.save_pretrained(tmp_path)
+    second = random_adapter(loaded.pipe, seed=32)
+    monkeypatch.setattr(CPEConfig, "save_pretrained", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        second.save_pretrained(tmp_path)  # weights written, config not: the folder is torn
+    monkeypatch.undo()
+    refused(loaded, AdapterFileError, ["disagree", "weights_sha256"], loaded.pipe.load_cpe_adapter, tmp_path, "torn")
+
+
+def test_odd_sources_are_refused(loaded):
+    refused(loaded, CPEAdapterError, ["empty path"], loaded.pipe.load_cpe_adapter, "", "x")
+    meta = {k: torch.empty_like(v, device="meta") for k, v in loaded.adapter.file_state_dict().items()}
+    refused(loaded, AdapterFileError, ["meta"], loaded.pipe.load_cpe_adapter, (meta, loaded.adapter.config), "x")
+    unpaired = {**loaded.adapter.config.to_dict()}
+    unpaired["concepts"] = [{**unpaired["concepts"][0], "name": "bad \ud800 name"}]
+    source = (loaded.adapter.file_state_dict(), unpaired)
+    refused(loaded, CPEAdapterError, ["unicode"], loaded.pipe.load_cpe_adapter, source, "x")
 
 
 def test_config_that_is_not_json(loaded, good_folder, tmp_path):

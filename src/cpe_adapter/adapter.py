@@ -140,6 +140,8 @@ class CPEAdapter(nn.Module):
             if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
                 got = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
                 raise AdapterFileError(f"Adapter tensor {key!r} has shape {got}, expected {list(shape)}.")
+            if tensor.is_meta:
+                raise AdapterFileError(f"Adapter tensor {key!r} is on the meta device: it holds no values.")
             if not tensor.is_floating_point():
                 raise AdapterFileError(f"Adapter tensor {key!r} has dtype {tensor.dtype}; expected a float tensor.")
             if not torch.isfinite(tensor).all():
@@ -153,6 +155,15 @@ class CPEAdapter(nn.Module):
             self.gate_v.copy_(tensors["gate.v"])
             self.down.copy_(torch.cat([tensors[f"{n}.down"] for n in names], dim=-1))
             self.up.copy_(torch.cat([tensors[f"{n}.up"] for n in names], dim=-1))
+        self.check_finite(f"once stored in {self.gate_v.dtype}")
+
+    def check_finite(self, where: str) -> None:
+        """Refuse weights that became infinite, e.g. finite float64 values beyond float32's range."""
+        for name, param in self.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                raise AdapterFileError(
+                    f"Adapter weight {name!r} overflows {where}; the adapter holds values no real one does."
+                )
 
     def restricted_to(self, layers: Sequence[TargetLayer]) -> CPEAdapter:
         """A copy holding only ``layers`` (e.g. a ControlNet's copy of some UNet layers), gates included."""

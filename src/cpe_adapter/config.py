@@ -27,6 +27,22 @@ FORMAT_VERSION = 1
 MAX_PARAMETERS = 2_000_000_000
 # The largest cpe_config.json read; real configs are a few kB, even with thousands of layers.
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
+# Deepest nesting of lists and objects a config may have (real ones: 4, in ``training``).
+MAX_CONFIG_DEPTH = 32
+# Largest residual scale factor ``alpha`` accepted (real ones: 1 to a few times the rank).
+MAX_ALPHA = 1e6
+
+
+def _depth(data: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, level = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _is_int(value: Any) -> bool:
@@ -70,6 +86,11 @@ class ConceptSpec:
             raise CPEAdapterError(f"A concept name must be a non-empty string, got {self.name!r:.80}.")
         if not isinstance(self.neutral, str):
             raise CPEAdapterError(f"The neutral phrase of {self.name!r} must be a string, got {self.neutral!r:.80}.")
+        for text in (self.name, self.neutral):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise CPEAdapterError(f"Concept text {text!r:.80} is not valid Unicode ({err.reason}).") from err
         if not _is_finite_number(self.eta):
             raise CPEAdapterError(f"eta of concept {self.name!r} must be a finite number, got {self.eta!r:.80}.")
 
@@ -166,8 +187,11 @@ class CPEConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 1_000_000:
                 raise CPEAdapterError(f"CPEConfig.{key} must be a positive integer, got {value!r:.40}.")
-        if not _is_finite_number(self.alpha):
-            raise CPEAdapterError(f"CPEConfig.alpha must be a finite number, got {self.alpha!r:.80}.")
+        if not _is_finite_number(self.alpha) or not 0 < self.alpha <= MAX_ALPHA:
+            raise CPEAdapterError(
+                f"CPEConfig.alpha must be a positive number up to {MAX_ALPHA:g} (it scales the residual), "
+                f"got {self.alpha!r:.80}."
+            )
         if not isinstance(self.tie_gate_qk, bool):
             raise CPEAdapterError(f"CPEConfig.tie_gate_qk must be true or false, got {self.tie_gate_qk!r:.80}.")
         for key in ("name", "base_model", "base_model_revision", "preset", "library_version", "weights_sha256"):
@@ -241,15 +265,22 @@ class CPEConfig:
             raise AdapterFileError(f"Invalid CPE config: {err}. Re-save the adapter with save_pretrained.") from err
 
     @classmethod
-    def from_json_string(cls, text: str) -> CPEConfig:
+    def from_json_string(cls, text: str, source: str = CONFIG_NAME) -> CPEConfig:
+        """Parse a config, refusing (before or while parsing) what no real config looks like:
+        more than :data:`MAX_CONFIG_BYTES` characters, nesting deeper than :data:`MAX_CONFIG_DEPTH`,
+        integers too long to convert. ``source`` names the text in error messages."""
         if len(text) > MAX_CONFIG_BYTES:
             raise AdapterFileError(
-                f"The CPE config has {len(text):,} characters; real ones have a few thousand (corrupt)."
+                f"The CPE config in {source} has {len(text):,} characters; real ones have a few thousand (corrupt)."
             )
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as err:
-            raise AdapterFileError(f"{CONFIG_NAME} is not valid JSON ({err}); the file is corrupt.") from err
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, or an integer of too many digits
+            raise AdapterFileError(f"{source} is not valid JSON ({err}); the file is corrupt.") from err
+        if _depth(data) > MAX_CONFIG_DEPTH:
+            raise AdapterFileError(
+                f"The CPE config in {source} nests deeper than {MAX_CONFIG_DEPTH} levels; real ones nest 4 (corrupt)."
+            )
         return cls.from_dict(data)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:

@@ -194,9 +194,13 @@ def load_adapter(
     return CPEAdapter.from_state_dict(tensors, config)
 
 
-# Fields that decide what the weights compute; cpe_config.json and the header copy must agree on them.
+# Fields that decide what the weights compute and what they are said to erase, and the weights'
+# hash: cpe_config.json and the header copy must agree on them (a save torn between the two files,
+# or a hand edit of one, is refused even when the two adapters have the same structure).
 STRUCTURAL_FIELDS = (
     "concept_names",
+    "concepts",
+    "weights_sha256",
     "text_embed_dim",
     "target_layers",
     "gate_rank",

@@ -86,6 +86,11 @@ def load_cpe_adapter(
     """
     denoiser = denoiser_of(pipe)
     _check_scale(scale)
+    if (
+        isinstance(pretrained_model_name_or_path_or_dict, (str, os.PathLike))
+        and not str(pretrained_model_name_or_path_or_dict).strip()
+    ):
+        raise CPEAdapterError("The adapter source is an empty path; pass a Hub repo id, a folder or a file.")
     adapter = load_adapter(
         pretrained_model_name_or_path_or_dict,
         weight_name=weight_name,
@@ -118,6 +123,7 @@ def load_cpe_adapter(
         # convert only the copy.
         adapter = copy.deepcopy(adapter)
     adapter = adapter.to(device=device, dtype=dtype).requires_grad_(False).eval()
+    adapter.check_finite(f"in this pipeline's {dtype}")
     if existing is None:
         runtime.attach()
         denoiser.__dict__["_cpe_runtime"] = runtime

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -180,8 +179,4 @@ def config_from_metadata(metadata: dict[str, str], source: str) -> CPEConfig:
             f"{source} carries no '{METADATA_KEY}' metadata and no cpe_config.json was found beside it; "
             "pass the folder that holds both files, or (state_dict, config)."
         )
-    try:
-        json.loads(text)
-    except json.JSONDecodeError as err:
-        raise AdapterFileError(f"The '{METADATA_KEY}' metadata of {source} is not valid JSON ({err}).") from err
-    return CPEConfig.from_json_string(text)
+    return CPEConfig.from_json_string(text, source=f"the '{METADATA_KEY}' metadata of {source}")

@@ -81,7 +81,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: Any) -> None:
     assert "nonsense" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["train", "--base", "tiny:sd", "--erase", "x", "--device", "cuda", "--out", "o"]) == 2
-        assert "--device cpu" in capsys.readouterr().err
+        assert "no cuda device" in capsys.readouterr().err
     generate = ["generate", "--base", "tiny:sd", "--adapter", "a", "--prompt", "p"]
     assert main([*generate, "--out", str(tmp_path / "grid.jpgx")]) == 2
     assert "image format" in capsys.readouterr().err
@@ -170,6 +170,58 @@ def test_demo_and_eval_work_without_the_optional_packages(
     text = capsys.readouterr().out
     assert "tiny_pipeline('sd')" in text and "plots skipped" in text
     assert (tmp_path / "demo" / "report" / "report.json").is_file()
+
+
+def test_outputs_are_checked_before_any_work(saved_adapter: Path, tmp_path: Path, capsys: Any) -> None:
+    """A file where a folder goes, an adapter already in --out, a bad repo id, bad image sizes: exit 2
+    at once, before any training or evaluation, and nothing written."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    train = ["train", "--base", "tiny:sd", "--erase", "x", "--steps", "2"]
+    assert main([*train, "--out", str(afile)]) == 2 and "existing file" in capsys.readouterr().err
+    assert main(["eval", "--base", "tiny:sd", "--adapter", str(saved_adapter), "--out", str(afile)]) == 2
+    assert "existing file" in capsys.readouterr().err and afile.read_text() == "keep me"
+    assert main([*train, "--out", str(tmp_path / "new"), "--push-to-hub", "not a repo id"]) == 2
+    assert "repo id" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    before = (saved_adapter / "cpe_adapter.safetensors").read_bytes()
+    assert main([*train, "--out", str(saved_adapter)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (saved_adapter / "cpe_adapter.safetensors").read_bytes() == before
+    generate = ["generate", "--base", "tiny:sd", "--adapter", str(saved_adapter), "--prompt", "p"]
+    assert main([*generate, "--height", "50", "--out", str(tmp_path / "g.png")]) == 2
+    assert "multiples of 8" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_an_adapter_and_its_old_checkpoints(tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "out"
+    base = ["train", "--base", "tiny:sd", "--preset", "styles", "--steps", "4", "--out", str(out)]
+    run_json(capsys, *base, "--erase", "Van Gogh", "--erase", "Claude Monet")
+    assert (out / "checkpoints" / "concept_0001.safetensors").exists()
+    run_json(capsys, *base, "--erase", "Rembrandt", "--overwrite")
+    assert CPEAdapter.from_pretrained(out).config.concept_names == ["Rembrandt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["concept_0000.safetensors", "trainer_state.json"]
+
+
+def test_erase_file_skips_comments_and_a_byte_order_mark(tmp_path: Path, capsys: Any) -> None:
+    listing = tmp_path / "concepts.txt"
+    listing.write_text("# painters to erase\nVan Gogh\n\n  # another comment\nClaude Monet\n", encoding="utf-8-sig")
+    out = tmp_path / "out"
+    result = run_json(
+        capsys, "train", "--base", "tiny:sd", "--erase-file", str(listing), "--steps", "2", "--out", str(out)
+    )
+    assert result["concepts"] == ["Van Gogh", "Claude Monet"]
+
+
+def test_interrupted_training_exits_130_and_says_how_to_resume(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
+    from cpe_adapter import training
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train_cpe", interrupted)
+    out = tmp_path / "out"
+    assert main(["train", "--base", "tiny:sd", "--erase", "x", "--out", str(out)]) == 130
+    assert f"--resume {out}" in capsys.readouterr().err
 
 
 def test_push_uploads_a_folder_with_a_model_card(saved_adapter: Path, fake_hub: Any, capsys: Any) -> None:

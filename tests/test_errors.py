@@ -345,6 +345,43 @@ def test_bad_scale_values(loaded, good_folder, scale):
     refused(loaded, CPEAdapterError, ["scale"], loaded.pipe.load_cpe_adapter, good_folder, "second", scale=scale)
 
 
+def test_scales_and_names_of_the_wrong_kind(loaded):
+    pipe = loaded.pipe
+    refused(loaded, CPEAdapterError, ["scales must be a number"], pipe.set_cpe_adapters, ["good"], "0.5")
+    refused(loaded, CPEAdapterError, ["adapter_names", "disable_cpe_adapters"], pipe.set_cpe_adapters, None)
+    refused(loaded, CPEAdapterError, ["nope"], pipe.set_cpe_adapters, ["good"], {"nope": 1.0})
+
+
+def test_scales_as_a_mapping_like_peft(loaded):
+    pipe = loaded.pipe
+    pipe.set_cpe_adapters(["good"], scales={"good": 0.0})
+    try:
+        plain = unet_output(tiny_pipeline("sd"), loaded.inputs)
+        torch.testing.assert_close(unet_output(pipe, loaded.inputs), plain, rtol=0, atol=0)
+    finally:
+        pipe.set_cpe_adapters(["good"])
+    loaded.assert_undisturbed()
+
+
+def test_a_lora_file_is_named_as_one(loaded, tmp_path):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    donor = tiny_pipeline("sd")
+    donor.unet.add_adapter(LoraConfig(r=2, target_modules=["to_k", "to_v"], init_lora_weights=False))
+    save_file(
+        {f"unet.{k}": v.contiguous() for k, v in get_peft_model_state_dict(donor.unet).items()},
+        tmp_path / "x.safetensors",
+    )
+    refused(
+        loaded,
+        AdapterFileError,
+        ["lora", "load_lora_weights"],
+        loaded.pipe.load_cpe_adapter,
+        tmp_path / "x.safetensors",
+    )
+
+
 def test_empty_adapter_name(loaded, good_folder):
     refused(loaded, CPEAdapterError, ["adapter_name"], loaded.pipe.load_cpe_adapter, good_folder, "")
 

@@ -139,6 +139,8 @@ def test_identity_adapter_changes_nothing(identity_report) -> None:
     assert report["attack_recovery"] == 0.0
     assert report["embedding_attack_recovery"] == 0.0
     assert report["embedding_attack_epsilon"] == 0.1
+    assert len(report["warnings"]) == 1 and "barely moves 'Van Gogh'" in report["warnings"][0]
+    assert "## Warnings" in identity_report.to_markdown(), "an attack recovery of 0 here proves nothing"
 
 
 def test_erase_score_matches_a_direct_computation(pipe) -> None:
@@ -159,6 +161,7 @@ def test_erase_score_matches_a_direct_computation(pipe) -> None:
     assert report["erase_score"] == pytest.approx(expected_score, rel=1e-4, abs=1e-6)
     assert report["retain_drift"] == pytest.approx(expected_drift, rel=1e-4)
     assert report["per_concept"]["Van Gogh"]["erase_score"] != 0.0
+    assert bool(report["warnings"]) == (report["erase_score"] < 0.02)
 
 
 def test_image_and_attack_figures_of_a_real_erasure_match_a_direct_computation(pipe) -> None:

@@ -223,3 +223,20 @@ def test_files_written_by_hand_load(adapter, tmp_path):
     save_file(adapter.file_state_dict(), str(tmp_path / WEIGHTS_NAME))
     (tmp_path / CONFIG_NAME).write_text(json.dumps(adapter.config.to_dict()), encoding="utf-8")
     assert CPEAdapter.from_pretrained(tmp_path).digest() == adapter.digest()
+
+
+def test_saving_to_a_file_name_is_refused_with_the_folder_to_use(adapter, tmp_path):
+    with pytest.raises(CPEAdapterError, match="saved as a folder"):
+        adapter.save_pretrained(tmp_path / "erase.safetensors")
+    assert not (tmp_path / "erase.safetensors").exists()
+
+
+def test_model_card_keeps_long_training_records_out_of_its_table(adapter, tmp_path):
+    from cpe_adapter.model_card import model_card
+
+    config = CPEConfig.from_dict(
+        {**adapter.config.to_dict(), "training": {"steps": 240, "history": {"x": [{"loss": 0.1}] * 50}}}
+    )
+    text = str(model_card(config))
+    assert "| steps | 240 |" in text
+    assert "0.1" not in text and "`history` | in `cpe_config.json`" in text

@@ -166,6 +166,16 @@ def test_no_anchor_contains_the_target(pipe, target, domain):
     assert any(target.lower() in word.lower() for word in pools.general_words(domain)), "such general words exist"
 
 
+def test_concepts_and_device_of_the_wrong_kind_are_refused(pipe):
+    with pytest.raises(CPEAdapterError, match="must be a string"):
+        train_cpe(pipe, 5, preset="styles", steps=2)
+    with pytest.raises(CPEAdapterError, match="Unknown device"):
+        train_cpe(pipe, "Van Gogh", preset="styles", steps=2, device="nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(CPEAdapterError, match="no cuda device"):
+            train_cpe(pipe, "Van Gogh", preset="styles", steps=2, device="cuda")
+
+
 def test_steps_scale_the_stage_schedule():
     styles = get_preset("styles")
     assert stage_schedule(styles, None) == ((1800,) + (450,) * 9, 450)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -59,16 +60,12 @@ def _check_device(device: str | None) -> None:
     """Refuse a device string torch does not know, or an accelerator this machine lacks."""
     if device is None:
         return
-    import torch
+    from .training import checked_device
 
     try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError) as err:
-        raise UsageError(f"Unknown device {device!r}: {err}") from err
-    backend = torch.backends.mps if kind == "mps" else getattr(torch, kind, None)
-    available = getattr(backend, "is_available", None)
-    if kind != "cpu" and not (available is not None and available()):
-        raise UsageError(f"--device {device}: no {kind} device is available here; use --device cpu.")
+        checked_device(device)
+    except CPEAdapterError as err:
+        raise UsageError(str(err).replace("device=", "--device ", 1)) from err
 
 
 def _dtype(name: str) -> Any:
@@ -91,7 +88,8 @@ def _concepts(args: argparse.Namespace) -> list[str]:
         path = Path(args.erase_file)
         if not path.is_file():
             raise UsageError(f"--erase-file {path} does not exist.")
-        concepts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = (line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines())
+        concepts += [line for line in lines if line and not line.startswith("#")]
     if not concepts:
         raise UsageError("Nothing to erase: give --erase CONCEPT (repeatable) or --erase-file FILE.")
     return concepts
@@ -192,6 +190,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .loaders import disable_cpe_adapters, enable_cpe_adapters
 
     out = Path(args.out)
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 8):
+            raise UsageError(f"--{name} {value}: image sides must be positive multiples of 8.")
     if out.suffix.lower() not in Image.registered_extensions():
         raise UsageError(f"--out {out}: unknown image format {out.suffix!r}; use a .png or .jpg file name.")
     pipe = load_pipeline(args.base, args.device, args.dtype, progress=not args.json)
@@ -220,19 +222,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .config import CONFIG_NAME
     from .training import train_cpe
 
     concepts = _concepts(args)
-    pipe = load_pipeline(args.base, args.device, args.dtype)
-    overrides: dict[str, Any] = {}
-    if args.neutral:
-        overrides["neutral"] = args.neutral
-    out = Path(args.out)
+    paraphrases = _paraphrases(args, concepts)
+    out = _output_folder(args.out, "the trained adapter")
+    _check_repo_id(args.push_to_hub)
     checkpoints = Path(args.resume) if args.resume else out / "checkpoints"
     if (checkpoints / "checkpoints").is_dir():
         checkpoints = checkpoints / "checkpoints"
     if args.resume and not checkpoints.is_dir():
         raise UsageError(f"--resume {args.resume}: no checkpoint folder there.")
+    if not args.resume and not args.overwrite and ((out / CONFIG_NAME).exists() or checkpoints.is_dir()):
+        raise UsageError(
+            f"--out {out} already holds an adapter or the checkpoints of a run; pass --resume {out} to finish "
+            "that run, --overwrite to replace it, or another --out."
+        )
+    if args.overwrite and not args.resume and checkpoints.is_dir():
+        shutil.rmtree(checkpoints)  # a fresh run: old checkpoints would be mistaken for its own
+    pipe = load_pipeline(args.base, args.device, args.dtype)
+    overrides: dict[str, Any] = {}
+    if args.neutral:
+        overrides["neutral"] = args.neutral
     started = time.perf_counter()
     adapter = train_cpe(
         pipe,
@@ -245,7 +257,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint_dir=checkpoints,
         resume_from=checkpoints if args.resume else None,
         recipe=args.recipe,
-        paraphrases=_paraphrases(args, concepts),
+        paraphrases=paraphrases,
         **overrides,
     )
     seconds = time.perf_counter() - started
@@ -272,6 +284,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     suite = dict(EVAL_SUITES[args.suite])
     neighbours = suite.pop("retained")
+    out = _output_folder(args.out, "the report")
     pipe = load_pipeline(args.base, args.device, args.dtype)
     names = _load_adapters(pipe, args.adapter)
     configs = [c for name, c in __import__("cpe_adapter").list_cpe_adapters(pipe).items() if name in names]
@@ -287,7 +300,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=not args.json,
         **suite,
     )
-    out = Path(args.out)
+    for warning in report.warnings():
+        print(f"cpe-adapter eval: warning: {warning}", file=sys.stderr)
     try:
         report.save(out)
         wrote = "report.json, report.md and plots"
@@ -347,7 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help=base_help)
     p.add_argument("--erase", action="append", help="concept to erase (repeatable)")
     p.add_argument("--erase-file", help="file with one concept per line")
-    p.add_argument("--preset", default="names", choices=["names", "styles", "explicit"])
+    p.add_argument(
+        "--preset",
+        default="names",
+        choices=["names", "styles", "explicit"],
+        help="kind of concept: names (people, moved toward 'a person'; the default), styles (artists, toward "
+        "'real photograph'), explicit",
+    )
     p.add_argument("--neutral", help="phrase the concepts are moved toward (default: the preset's)")
     p.add_argument(
         "--recipe", choices=sorted(RECIPES), help="target-set recipe (default: paper, the method as published)"
@@ -358,9 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEXT",
         help="another way to say the concept, erased with it (repeatable; CONCEPT=TEXT when erasing several)",
     )
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (its checkpoints/ subfolder makes --resume possible)")
+    p.add_argument("--overwrite", action="store_true", help="replace an adapter or checkpoints already in --out")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub repo")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0; same seed, same weights)")
     p.add_argument("--steps", type=int, help="total erase iterations (default: the preset's schedule)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", help="dtype of the base model while encoding prompts (training runs in fp32)")
@@ -373,10 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--compare", action="store_true", help="write a before/after grid")
     p.add_argument("--out", required=True, help="output PNG")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: --height, else the model's)")
     p.add_argument("--device")
     p.add_argument("--dtype")
 
@@ -396,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-attack", action="store_true", help="skip the red-teaming attacks")
     p.add_argument("--images", action="store_true", help="also measure image shifts (slower)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks and images (default 0)")
     p.add_argument("--device")
     p.add_argument("--dtype")
 
@@ -405,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="warn when the adapter was trained on another base model")
 
     p = command("push", cmd_push, "Upload a saved adapter folder to the Hub with a model card.")
-    p.add_argument("directory")
-    p.add_argument("repo")
+    p.add_argument("directory", help="a folder written by save_pretrained or `cpe-adapter train`")
+    p.add_argument("repo", help="Hub repo id, e.g. my-org/erase-vangogh")
     p.add_argument("--private", action="store_true", default=None)
     p.add_argument("--token")
     p.add_argument("--message", help="commit message")
@@ -421,8 +442,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", cmd_demo, "Offline demo: train, save, reload, stack and evaluate on a tiny pipeline.")
     p.add_argument("--out", default="outputs/demo", help="where the demo writes its adapters and report")
     p.add_argument("--steps", type=int, help="erase iterations (default: a short schedule)")
-    p.add_argument("--kind", default="sd-semantic", help="built-in tiny pipeline kind")
+    p.add_argument(
+        "--kind",
+        default="sd-semantic",
+        choices=["sd", "sd2", "sdxl", "sd-semantic"],
+        help="built-in tiny pipeline (default sd-semantic: a real pretrained text encoder; falls back to sd "
+        "when it is not installed)",
+    )
     return parser
+
+
+def _output_folder(path: str, what: str) -> Path:
+    """``path`` as a folder to write into, refused before any work if it is an existing file."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {folder} is an existing file; {what} needs a folder.")
+    return folder
+
+
+def _check_repo_id(repo_id: str | None) -> None:
+    """Refuse a malformed ``--push-to-hub`` repo id before training, not after."""
+    if repo_id is None:
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UsageError(f"--push-to-hub {repo_id!r} is not a valid Hub repo id ({err}).") from err
 
 
 def _one_line(err: BaseException) -> str:
@@ -451,8 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cpe-adapter {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"cpe-adapter {args.command}: interrupted", file=sys.stderr)
-        return 1
+        hint = f"; finish the run with --resume {args.out}" if args.command == "train" else ""
+        print(f"cpe-adapter {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
     except Exception as err:
         print(f"cpe-adapter {args.command}: failed: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
         return 1

@@ -273,6 +273,10 @@ class ImageExample:
     neutral: np.ndarray | None = None
 
 
+# An erased concept whose erase_score stays below this is reported as barely erased.
+WEAK_ERASE = 0.02
+
+
 @dataclass
 class EvalReport:
     """Result of :func:`evaluate`.
@@ -298,11 +302,26 @@ class EvalReport:
     def __getitem__(self, key: str) -> Any:
         return self.to_dict()[key]
 
+    def warnings(self) -> list[str]:
+        """What makes the figures misleading: an erased concept the adapters barely move (below
+        :data:`WEAK_ERASE`), for which a low attack recovery or drift proves nothing."""
+        found = []
+        for concept, row in self.per_concept.items():
+            score = row.get("erase_score")
+            if row["role"] == "erased" and score is not None and score < WEAK_ERASE:
+                found.append(
+                    f"the erasure barely moves {concept!r} (erase_score {score:.4f}): too few training steps, another "
+                    "base model than the adapter's, or a text encoder without meaning (tiny:sd); its attack and "
+                    "drift figures prove nothing"
+                )
+        return found
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe data: overall figures at the top level, then ``per_concept`` and details."""
         return _json_safe(
             {
                 **self.figures,
+                "warnings": self.warnings(),
                 "per_concept": self.per_concept,
                 "settings": self.settings,
                 "adapters": self.adapters,

@@ -240,6 +240,11 @@ def save_adapter_folder(
     folder = Path(save_directory)
     if folder.exists() and not folder.is_dir():
         raise CPEAdapterError(f"{folder} exists and is not a folder.")
+    if folder.suffix.lower() in (".safetensors", ".json", ".bin"):
+        raise CPEAdapterError(
+            f"{folder} names a file, but an adapter is saved as a folder ({WEIGHTS_NAME}, {CONFIG_NAME} and a "
+            f"model card); pass a folder such as {folder.with_suffix('')}."
+        )
     folder.mkdir(parents=True, exist_ok=True)
     tensors = adapter.file_state_dict()
     config = CPEConfig.from_dict(

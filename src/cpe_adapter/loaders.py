@@ -12,7 +12,7 @@ import copy
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,21 +142,47 @@ def load_cpe_adapter(
 
 def _check_scale(scale: Any) -> None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise CPEAdapterError(f"Adapter scales must be finite numbers, got {scale!r}.")
+        raise CPEAdapterError(
+            f"Adapter scales must be finite numbers (0 takes an adapter out, 1 is as trained), got {scale!r}."
+        )
+
+
+# One scale for all adapters, one per adapter in order, or ``{name: scale}``.
+Scales = float | Sequence[float] | Mapping[str, float] | None
 
 
 def _selection(
-    runtime: CPERuntime, adapter_names: str | Sequence[str], scales: float | Sequence[float] | None
+    runtime: CPERuntime, adapter_names: str | Sequence[str], scales: Scales
 ) -> tuple[list[str], dict[str, float]]:
-    """Checked ``(names, {name: scale})`` for :func:`set_cpe_adapters` and :func:`use_cpe_adapters`."""
+    """Checked ``(names, {name: scale})`` for :func:`set_cpe_adapters` and :func:`use_cpe_adapters`.
+
+    ``scales``: one number for all, one per name in order, or ``{name: scale}`` (names left out: 1.0).
+    """
+    if adapter_names is None or not isinstance(adapter_names, (str, list, tuple)):
+        raise CPEAdapterError(
+            f"adapter_names must be a name or a list of names, got {type(adapter_names).__name__}; "
+            "to switch erasure off use `disable_cpe_adapters()`."
+        )
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     _check_names(runtime, names)
     if len(set(names)) != len(names):
         raise CPEAdapterError(f"Adapter names repeat in {names}.")
+    if isinstance(scales, Mapping):
+        _check_names(runtime, list(scales))
+        if set(scales) - set(names):
+            raise CPEAdapterError(
+                f"scales name adapters that are not being activated: {sorted(set(scales) - set(names))}."
+            )
+        scales = [scales.get(name, 1.0) for name in names]
     if scales is None:
         values = [1.0] * len(names)
     elif isinstance(scales, (int, float)) and not isinstance(scales, bool):
         values = [float(scales)] * len(names)
+    elif isinstance(scales, str) or not isinstance(scales, (list, tuple)):
+        raise CPEAdapterError(
+            "scales must be a number, a list of numbers or {name: number}, "
+            f"got {type(scales).__name__} {scales!r:.40}."
+        )
     else:
         values = list(scales)
         if len(values) != len(names):
@@ -166,9 +192,7 @@ def _selection(
     return names, {n: float(v) for n, v in zip(names, values, strict=True)}
 
 
-def set_cpe_adapters(
-    pipe: Any, adapter_names: str | Sequence[str], scales: float | Sequence[float] | None = None
-) -> None:
+def set_cpe_adapters(pipe: Any, adapter_names: str | Sequence[str], scales: Scales = None) -> None:
     """Make exactly ``adapter_names`` active, with per-adapter ``scales`` (default 1.0 each)."""
     runtime = _runtime(pipe)
     names, values = _selection(runtime, adapter_names, scales)
@@ -186,9 +210,7 @@ def _follow_controlnets(pipe: Any, runtime: CPERuntime) -> None:
 
 
 @contextlib.contextmanager
-def use_cpe_adapters(
-    pipe: Any, adapter_names: str | Sequence[str], scales: float | Sequence[float] | None = None
-) -> Iterator[None]:
+def use_cpe_adapters(pipe: Any, adapter_names: str | Sequence[str], scales: Scales = None) -> Iterator[None]:
     """Inside the block, the *calling thread* uses ``adapter_names`` at ``scales``; others are unaffected.
 
     For servers where several threads share one UNet (pipelines made with ``from_pipe``) and each

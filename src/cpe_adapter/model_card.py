@@ -11,6 +11,8 @@ from .config import CPEConfig
 from .serialization import atomic_write_bytes
 
 TAGS = ["cpe-adapter", "concept-erasure", "diffusers", "text-to-image"]
+# Training settings longer than this (loss histories, anchor lists) stay out of the card's table.
+CELL_LIMIT = 120
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -23,7 +25,11 @@ def model_card(config: CPEConfig, repo_id: str | None = None) -> ModelCard:
     base = config.base_model if config.base_model and _REPO_ID.match(config.base_model) else None
     data = ModelCardData(library_name="cpe-adapter", base_model=base, tags=list(TAGS), license="apache-2.0")
     concepts = "\n".join(f"| {c.name} | {c.neutral} | {_fmt(c.eta)} |" for c in config.concepts)
-    settings = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(config.training.items()))
+    shown = {k: _fmt(v) for k, v in sorted(config.training.items())}
+    settings = "\n".join(f"| {k} | {v} |" for k, v in shown.items() if len(v) <= CELL_LIMIT)
+    if any(len(v) > CELL_LIMIT for v in shown.values()):
+        longer = ", ".join(f"`{k}`" for k, v in shown.items() if len(v) > CELL_LIMIT)
+        settings += f"\n| {longer} | in `cpe_config.json` |"
     figures = "\n".join(
         f"| {k} | {_fmt(v)} |" for k, v in sorted(config.evaluation.items()) if isinstance(v, (int, float, str))
     )

@@ -74,7 +74,11 @@ def render_markdown(report: EvalReport) -> str:
     """Markdown summary: overall figures, a per-concept table, attack prompts and settings."""
     from .evaluation import FIGURES
 
-    lines = ["# CPE evaluation report", "", "## Overall", "", "| figure | value | better |", "|---|---|---|"]
+    lines = ["# CPE evaluation report", ""]
+    warnings = report.warnings()
+    if warnings:
+        lines += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
+    lines += ["## Overall", "", "| figure | value | better |", "|---|---|---|"]
     for name in FIGURES:
         if name in report.figures:
             value = _fmt(report.figures[name])

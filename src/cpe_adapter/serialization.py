@@ -175,8 +175,22 @@ def config_from_metadata(metadata: dict[str, str], source: str) -> CPEConfig:
     """The :class:`CPEConfig` stored in a safetensors header, or a clear error if there is none."""
     text = metadata.get(METADATA_KEY)
     if text is None:
+        if _looks_like_lora(source):
+            raise AdapterFileError(
+                f"{source} holds LoRA weights (its tensor names contain 'lora'), not a CPE adapter; load it with "
+                "`pipe.load_lora_weights(...)`. LoRAs and CPE erasers can be active together."
+            )
         raise AdapterFileError(
             f"{source} carries no '{METADATA_KEY}' metadata and no cpe_config.json was found beside it; "
             "pass the folder that holds both files, or (state_dict, config)."
         )
     return CPEConfig.from_json_string(text, source=f"the '{METADATA_KEY}' metadata of {source}")
+
+
+def _looks_like_lora(source: str) -> bool:
+    """Whether the safetensors file ``source`` holds LoRA factors (diffusers / PEFT / kohya names)."""
+    try:
+        with safe_open(source, framework="pt") as handle:
+            return any("lora" in key.lower() for key in handle.keys())  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError):
+        return False

@@ -385,6 +385,10 @@ def concept_specs(pipe: Any, concepts: Any, plan: TrainingPlan) -> list[ConceptS
     """Concepts as :class:`ConceptSpec` (preset neutral phrase and eta for plain strings), checked."""
     if isinstance(concepts, (str, ConceptSpec)):
         concepts = [concepts]
+    if concepts is not None and not isinstance(concepts, (list, tuple)):
+        raise CPEAdapterError(
+            f"`concepts` must be a string, a ConceptSpec or a list of them, got {type(concepts).__name__}."
+        )
     if concepts is None or len(concepts) == 0:
         raise CPEAdapterError("No concepts to erase; pass a concept string such as 'Van Gogh' or a list of them.")
     specs = []
@@ -933,12 +937,25 @@ class TrainingContext:
     base_model_revision: str | None
 
 
+def checked_device(device: Any) -> torch.device:
+    """``device`` as a ``torch.device``, refused clearly when torch does not know it or lacks it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise CPEAdapterError(f"Unknown device {device!r}: {err}") from err
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if device.type not in ("cpu", "meta") and not (available is not None and available()):
+        raise CPEAdapterError(f"device={str(device)!r}: no {device.type} device is available here; use 'cpu'.")
+    return device
+
+
 def make_context(pipe: Any, plan: TrainingPlan, device: Any = None) -> TrainingContext:
     denoiser = denoiser_of(pipe)
     layers = find_target_layers(denoiser)
     if device is None:
         device = next(denoiser.parameters()).device
-    device = torch.device(device)
+    device = checked_device(device)
     tokens = _sequence_length(pipe)
     stack = build_stack(denoiser, layers, tokens, device)
     return TrainingContext(pipe, plan, layers, stack, device, plan.preset.name, *base_model_info(pipe, denoiser))

@@ -66,6 +66,13 @@ def test_inspect_flags_tampered_weights_and_another_base(saved_adapter: Path, tm
     assert "weights_sha256" in capsys.readouterr().err
 
 
+def test_inspect_says_when_a_base_cannot_take_the_adapter(saved_adapter: Path, capsys: Any) -> None:
+    info = run_json(capsys, "inspect", str(saved_adapter), "--base", "tiny:sd-semantic")
+    assert "incompatible" in info["warnings"][0] and "384-d" in info["warnings"][0]
+    fits = run_json(capsys, "inspect", str(saved_adapter), "--base", "tiny:sd")
+    assert not any("incompatible" in w for w in fits["warnings"])
+
+
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: Any) -> None:
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()

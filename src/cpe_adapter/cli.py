@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     adapter = CPEAdapter.from_pretrained(args.adapter)
     config = adapter.config
     warnings = verify_adapter(adapter, base_model=args.base)
+    reads = _text_width(args.base) if args.base else None
+    if reads is not None and reads != config.text_embed_dim:
+        warnings.insert(
+            0,
+            f"incompatible with {args.base}: its UNet's cross-attention reads {reads}-d text embeddings, this "
+            f"adapter was trained for {config.text_embed_dim}-d ones; it cannot be loaded there",
+        )
     hash_ok = None if config.weights_sha256 is None else not any("weights_sha256" in w for w in warnings)
     params = sum(p.numel() for p in adapter.parameters())
     compatible = (
@@ -169,6 +177,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _text_width(base: str) -> int | None:
+    """The text-embedding width a base model's UNet reads, from its config alone (None if unknown)."""
+    if base.startswith(TINY_PREFIX):
+        from .testing import KINDS, tiny_pipeline
+
+        kind = base[len(TINY_PREFIX) :]
+        config = tiny_pipeline(kind).unet.config if kind in KINDS else None
+    else:
+        from diffusers import UNet2DConditionModel
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # diffusers' own deprecation notices about download options
+                config = UNet2DConditionModel.load_config(base, subfolder="unet")
+        except (OSError, ValueError):  # offline, not a diffusers folder, no UNet: nothing to compare
+            return None
+    width = None if config is None else config.get("cross_attention_dim")
+    if isinstance(width, (list, tuple)):
+        width = width[0] if len(set(width)) == 1 else None
+    return width if isinstance(width, int) else None
 
 
 def cmd_push(args: argparse.Namespace) -> int:

@@ -64,9 +64,9 @@ def _check_device(device: str | None) -> None:
     from .training import checked_device
 
     try:
-        checked_device(device)
+        checked_device(device, label="--device")
     except CPEAdapterError as err:
-        raise UsageError(str(err).replace("device=", "--device ", 1)) from err
+        raise UsageError(str(err)) from err
 
 
 def _dtype(name: str) -> Any:

@@ -464,7 +464,8 @@ class CPERuntime:
         self.check_unfused()
         index = 0
         wrappers, slots = [], []
-        for _, attn in cross_attention_modules(denoiser):
+        attentions = cross_attention_modules(denoiser)
+        for _, attn in attentions:
             for proj in ("to_k", "to_v"):
                 parent, attr, linear = innermost_linear(getattr(attn, proj))
                 if parent is None:
@@ -476,7 +477,7 @@ class CPERuntime:
                 slots.append((attn, proj, wrapper))
                 index += 1
         self._wrappers, self._slots = wrappers, slots
-        self._links = _links_to(denoiser, [path for path, _ in cross_attention_modules(denoiser)])
+        self._links = _links_to(denoiser, [path for path, _ in attentions])
         self._hooks = [
             denoiser.register_forward_pre_hook(_before_forward, with_kwargs=True),
             denoiser.register_forward_hook(_after_forward, always_call=True),

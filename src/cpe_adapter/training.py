@@ -937,16 +937,19 @@ class TrainingContext:
     base_model_revision: str | None
 
 
-def checked_device(device: Any) -> torch.device:
-    """``device`` as a ``torch.device``, refused clearly when torch does not know it or lacks it."""
+def checked_device(device: Any, label: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``, refused clearly when torch does not know it or lacks it.
+
+    ``label`` names the argument in the messages (``"--device"`` for the command line).
+    """
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as err:
-        raise CPEAdapterError(f"Unknown device {device!r}: {err}") from err
+        raise CPEAdapterError(f"{label} {device!r}: unknown device ({err}).") from err
     backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
     available = getattr(backend, "is_available", None)
     if device.type not in ("cpu", "meta") and not (available is not None and available()):
-        raise CPEAdapterError(f"device={str(device)!r}: no {device.type} device is available here; use 'cpu'.")
+        raise CPEAdapterError(f"{label} {str(device)!r}: no {device.type} device is available here; use 'cpu'.")
     return device
 
 

@@ -63,6 +63,8 @@ def resolve_file(
     required: bool = True,
 ) -> Path | None:
     """Local path of ``filename`` in a folder or Hub repo (downloaded through the Hub cache)."""
+    if not str(source).strip():  # Path("") is the working directory: never what was meant
+        raise AdapterFileError("The adapter source is an empty path; pass a Hub repo id, a folder or a file.")
     filename = _safe_relative(filename, "weight_name") or WEIGHTS_NAME
     subfolder = _safe_relative(subfolder, "subfolder")
     local = Path(source)

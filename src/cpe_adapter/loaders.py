@@ -86,11 +86,6 @@ def load_cpe_adapter(
     """
     denoiser = denoiser_of(pipe)
     _check_scale(scale)
-    if (
-        isinstance(pretrained_model_name_or_path_or_dict, (str, os.PathLike))
-        and not str(pretrained_model_name_or_path_or_dict).strip()
-    ):
-        raise CPEAdapterError("The adapter source is an empty path; pass a Hub repo id, a folder or a file.")
     adapter = load_adapter(
         pretrained_model_name_or_path_or_dict,
         weight_name=weight_name,

@@ -131,15 +131,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     adapter = CPEAdapter.from_pretrained(args.adapter)
     config = adapter.config
-    warnings = verify_adapter(adapter, base_model=args.base)
+    warned = verify_adapter(adapter, base_model=args.base)
     reads = _text_width(args.base) if args.base else None
     if reads is not None and reads != config.text_embed_dim:
-        warnings.insert(
+        warned.insert(
             0,
             f"incompatible with {args.base}: its UNet's cross-attention reads {reads}-d text embeddings, this "
             f"adapter was trained for {config.text_embed_dim}-d ones; it cannot be loaded there",
         )
-    hash_ok = None if config.weights_sha256 is None else not any("weights_sha256" in w for w in warnings)
+    hash_ok = None if config.weights_sha256 is None else not any("weights_sha256" in w for w in warned)
     params = sum(p.numel() for p in adapter.parameters())
     compatible = (
         f"UNets with {len(config.target_layers)} cross-attention projections reading {config.text_embed_dim}-d "
@@ -162,7 +162,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "format_version": config.format_version,
         "weights_sha256": config.weights_sha256,
         "hash_verified": hash_ok,
-        "warnings": warnings,
+        "warnings": warned,
     }
     verdict = {True: "verified", False: "MISMATCH", None: "not recorded"}[hash_ok]
     lines = [f"CPE adapter {args.adapter}"]
@@ -174,7 +174,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  provenance: preset {config.preset}, cpe-adapter {config.library_version}, weights hash {verdict}",
     ]
     _emit(args, info, "\n".join(lines))
-    for warning in warnings:
+    for warning in warned:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 
@@ -182,10 +182,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _text_width(base: str) -> int | None:
     """The text-embedding width a base model's UNet reads, from its config alone (None if unknown)."""
     if base.startswith(TINY_PREFIX):
-        from .testing import KINDS, tiny_pipeline
-
-        kind = base[len(TINY_PREFIX) :]
-        config = tiny_pipeline(kind).unet.config if kind in KINDS else None
+        config = load_pipeline(base).unet.config
     else:
         from diffusers import UNet2DConditionModel
 
@@ -195,7 +192,7 @@ def _text_width(base: str) -> int | None:
                 config = UNet2DConditionModel.load_config(base, subfolder="unet")
         except (OSError, ValueError):  # offline, not a diffusers folder, no UNet: nothing to compare
             return None
-    width = None if config is None else config.get("cross_attention_dim")
+    width = config.get("cross_attention_dim")
     if isinstance(width, (list, tuple)):
         width = width[0] if len(set(width)) == 1 else None
     return width if isinstance(width, int) else None

@@ -77,6 +77,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: Any) -> None:
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not exist" in err
+    assert main(["inspect", str(tmp_path / "missing"), "--json"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert out["exit_code"] == 2 and "does not exist" in out["error"], "--json callers get the error as JSON too"
     (tmp_path / "weights.bin").write_bytes(b"\x80\x04not really a pickle")
     assert main(["inspect", str(tmp_path / "weights.bin")]) == 2
     assert "pickle" in capsys.readouterr().err

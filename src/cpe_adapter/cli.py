@@ -522,12 +522,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         with torch.inference_mode(args.command in ("generate", "inspect")):
             return int(args.handler(args) or 0)
     except (CPEAdapterError, FileNotFoundError) as err:
-        print(f"cpe-adapter {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
+        return _fail(args, 2, f"error: {_one_line(err)}")
     except KeyboardInterrupt:
         hint = f"; finish the run with --resume {args.out}" if args.command == "train" else ""
-        print(f"cpe-adapter {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        return _fail(args, 130, f"interrupted{hint}")
     except Exception as err:
-        print(f"cpe-adapter {args.command}: failed: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
-        return 1
+        return _fail(args, 1, f"failed: {type(err).__name__}: {_one_line(err)}")
+
+
+def _fail(args: argparse.Namespace, code: int, reason: str) -> int:
+    """One line on stderr; with ``--json`` also ``{"error": ..., "exit_code": ...}`` on stdout."""
+    print(f"cpe-adapter {args.command}: {reason}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": reason, "exit_code": code}))
+    return code

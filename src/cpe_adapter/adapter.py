@@ -155,15 +155,17 @@ class CPEAdapter(nn.Module):
             self.gate_v.copy_(tensors["gate.v"])
             self.down.copy_(torch.cat([tensors[f"{n}.down"] for n in names], dim=-1))
             self.up.copy_(torch.cat([tensors[f"{n}.up"] for n in names], dim=-1))
-        self.check_finite(f"once stored in {self.gate_v.dtype}")
+        self.check_finite(f"overflows once stored in {self.gate_v.dtype}; the adapter holds values no real one does.")
 
-    def check_finite(self, where: str) -> None:
-        """Refuse weights that became infinite, e.g. finite float64 values beyond float32's range."""
+    def check_finite(self, problem: str) -> None:
+        """Refuse NaN or infinite parameters, raising ``"Adapter weight <name> <problem>"``.
+
+        Files are checked before conversion; this catches what a conversion made infinite (finite
+        float64 beyond float32's range) and in-memory adapters handed over as objects.
+        """
         for name, param in self.named_parameters():
             if not bool(torch.isfinite(param).all()):
-                raise AdapterFileError(
-                    f"Adapter weight {name!r} overflows {where}; the adapter holds values no real one does."
-                )
+                raise AdapterFileError(f"Adapter weight {name!r} {problem}")
 
     def restricted_to(self, layers: Sequence[TargetLayer]) -> CPEAdapter:
         """A copy holding only ``layers`` (e.g. a ControlNet's copy of some UNet layers), gates included."""

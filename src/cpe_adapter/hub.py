@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import torch
 from huggingface_hub import HfApi, errors, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -141,16 +140,6 @@ def _check_inside(path: Path, folder: Path) -> None:
         )
 
 
-def _check_finite(adapter: CPEAdapter) -> None:
-    """Refuse an in-memory adapter with NaN or infinite parameters (files get the same check on load)."""
-    for name, param in adapter.named_parameters():
-        if not bool(torch.isfinite(param).all()):
-            raise AdapterFileError(
-                f"Adapter parameter {name!r} contains NaN or infinite values; the adapter is broken (check its "
-                "training run) and would turn every erased image into NaN."
-            )
-
-
 def load_adapter(
     source: Any,
     *,
@@ -163,7 +152,10 @@ def load_adapter(
 ) -> CPEAdapter:
     """Read an adapter from any accepted source (see ``load_cpe_adapter``); nothing is attached."""
     if isinstance(source, CPEAdapter):
-        _check_finite(source)
+        source.check_finite(
+            "contains NaN or infinite values; the adapter is broken (check its training run) and would turn every "
+            "erased image into NaN."
+        )
         return source
     if isinstance(source, (tuple, list)) and len(source) == 2 and isinstance(source[0], dict):
         state_dict, config = source

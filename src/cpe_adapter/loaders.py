@@ -118,7 +118,7 @@ def load_cpe_adapter(
         # convert only the copy.
         adapter = copy.deepcopy(adapter)
     adapter = adapter.to(device=device, dtype=dtype).requires_grad_(False).eval()
-    adapter.check_finite(f"in this pipeline's {dtype}")
+    adapter.check_finite(f"overflows in this pipeline's {dtype}; the adapter holds values no real one does.")
     if existing is None:
         runtime.attach()
         denoiser.__dict__["_cpe_runtime"] = runtime

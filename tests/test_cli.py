@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -241,6 +242,46 @@ def test_push_uploads_a_folder_with_a_model_card(saved_adapter: Path, fake_hub: 
     assert {"cpe_config.json", "cpe_adapter.safetensors", "README.md"} <= set(files)
     assert b"library_name: cpe-adapter" in files["README.md"]
     assert main(["push", str(saved_adapter / "cpe_config.json"), "org/x"]) == 2
+
+
+def test_push_uploads_the_folder_as_it_is(saved_adapter: Path, fake_hub: Any, tmp_path: Path, capsys: Any) -> None:
+    folder = tmp_path / "authored"
+    shutil.copytree(saved_adapter, folder)
+    readme = folder / "README.md"
+    readme.write_text(readme.read_text() + "\n## Intended use\n\nModeration only.\n")
+    run_json(capsys, "push", str(folder), "org/authored")
+    files = fake_hub.files("org/authored")
+    assert b"Moderation only." in files["README.md"], "the author's card is published, not replaced"
+    assert files["cpe_adapter.safetensors"] == (folder / "cpe_adapter.safetensors").read_bytes()
+    assert files["cpe_config.json"] == (folder / "cpe_config.json").read_bytes(), "no re-save, no new hash"
+
+
+def test_push_refuses_weights_changed_after_saving(
+    saved_adapter: Path, fake_hub: Any, tmp_path: Path, capsys: Any
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "tampered"
+    shutil.copytree(saved_adapter, folder)
+    weights = folder / "cpe_adapter.safetensors"
+    tensors = load_file(weights)
+    tensors = {k: v + 1.0 if k == "gate.v" else v for k, v in tensors.items()}
+    save_file(tensors, weights, metadata=safe_open_metadata(saved_adapter / "cpe_adapter.safetensors"))
+    assert main(["push", str(folder), "org/tampered"]) == 2
+    assert "weights_sha256" in capsys.readouterr().err
+    assert not fake_hub.repo_exists("org/tampered")
+
+
+def test_push_refuses_a_malformed_repo_id_as_bad_input(saved_adapter: Path, fake_hub: Any, capsys: Any) -> None:
+    assert main(["push", str(saved_adapter), "bad repo!"]) == 2
+    assert "REPO 'bad repo!'" in capsys.readouterr().err
+
+
+def safe_open_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata()
 
 
 def test_module_entry_point_and_help() -> None:

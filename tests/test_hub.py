@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
 from conftest import generate, populate_hub_cache, random_adapter
 from cpe_adapter import AdapterFileError, CPEAdapter, CPEConfig
@@ -162,3 +162,165 @@ def test_missing_revision_on_the_hub(fake_hub, adapters):
     fake_hub.add_files("fake-user/one", adapters["main"][1])
     with pytest.raises(AdapterFileError, match="revision"):
         CPEAdapter.from_pretrained("fake-user/one", revision="no-such-branch")
+
+
+# --------------------------------------------------------------- cache layouts and file choice
+def test_snapshot_folder_of_the_hub_cache_loads(offline_hub_cache, adapters):
+    """``snapshot_download`` folders link every file into the repo's blobs/: those links are its own."""
+    from huggingface_hub import snapshot_download
+
+    main, files = adapters["main"]
+    populate_hub_cache(offline_hub_cache, REPO, files)
+    folder = Path(snapshot_download(REPO, local_files_only=True))
+    assert (folder / WEIGHTS_NAME).is_symlink(), "the cache links snapshot files to blobs"
+    assert same_weights(CPEAdapter.from_pretrained(folder), main)
+    assert CPEConfig.from_pretrained(folder).concept_names == ["concept main"]
+
+
+def test_link_out_of_a_plain_folder_is_still_refused(tmp_path, adapters):
+    _, files = adapters["main"]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / WEIGHTS_NAME).write_bytes(files[WEIGHTS_NAME])
+    folder = tmp_path / "blobs" / "snapshots" / "abc"  # looks like a cache path, is not in one
+    folder.mkdir(parents=True)
+    (folder / CONFIG_NAME).write_bytes(files[CONFIG_NAME])
+    (folder / WEIGHTS_NAME).symlink_to(outside / WEIGHTS_NAME)
+    with pytest.raises(AdapterFileError, match="outside the adapter folder"):
+        CPEAdapter.from_pretrained(folder)
+
+
+def test_weight_name_is_described_by_its_own_header_beside_another_config(offline_hub_cache, adapters):
+    """A repo's cpe_config.json describes its default weights, not a second file chosen by weight_name."""
+    main, main_files = adapters["main"]
+    old, old_files = adapters["old"]
+    files = dict(main_files)
+    files["old-eraser.safetensors"] = old_files[WEIGHTS_NAME]
+    files[f"erasers/old/{WEIGHTS_NAME}"] = old_files[WEIGHTS_NAME]
+    populate_hub_cache(offline_hub_cache, REPO, files)
+    assert same_weights(CPEAdapter.from_pretrained(REPO, weight_name="old-eraser.safetensors"), old)
+    assert same_weights(CPEAdapter.from_pretrained(REPO, weight_name=f"erasers/old/{WEIGHTS_NAME}"), old)
+    assert same_weights(CPEAdapter.from_pretrained(REPO), main)
+    assert CPEConfig.from_pretrained(REPO, weight_name="old-eraser.safetensors").concept_names == ["concept old"]
+
+
+def test_config_file_path_and_folder_without_config(tmp_path, adapters):
+    main, files = adapters["main"]
+    folder = tmp_path / "ad"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    pipe = tiny_pipeline("sd")
+    assert pipe.load_cpe_adapter(folder / CONFIG_NAME) == "ad", "cpe_config.json stands for its folder"
+    assert same_weights(pipe.get_cpe_adapter("ad"), main)
+    (folder / CONFIG_NAME).unlink()
+    assert CPEConfig.from_pretrained(folder).concept_names == ["concept main"], "the header describes the file"
+
+
+def test_force_download_replaces_a_corrupt_cached_file(fake_hub, adapters):
+    adapter, _ = adapters["main"]
+    repo = "fake-user/corrupt"
+    CPEAdapter.from_state_dict(adapter.file_state_dict(), adapter.config).push_to_hub(repo)
+    path = Path(hf_hub_download(repo, WEIGHTS_NAME)).resolve()
+    path.write_bytes(path.read_bytes()[:100])  # a killed copy, a disk error
+    with pytest.raises(AdapterFileError, match="force_download=True"):
+        CPEAdapter.from_pretrained(repo)
+    assert same_weights(CPEAdapter.from_pretrained(repo, force_download=True), adapter)
+    assert same_weights(CPEAdapter.from_pretrained(repo), adapter), "the cache now holds a good copy"
+
+
+def test_unusable_cache_dir_is_named(fake_hub, adapters, tmp_path):
+    adapter, _ = adapters["main"]
+    CPEAdapter.from_state_dict(adapter.file_state_dict(), adapter.config).push_to_hub("fake-user/c")
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("")
+    with pytest.raises(AdapterFileError, match="writable folder") as info:
+        CPEAdapter.from_pretrained("fake-user/c", cache_dir=not_a_folder)
+    assert str(not_a_folder) in str(info.value)
+
+
+# ------------------------------------------------------------------------------ saving, pushing
+def test_non_finite_adapter_is_never_saved_or_pushed(fake_hub, adapters, tmp_path):
+    adapter, _ = adapters["main"]
+    broken = CPEAdapter.from_state_dict(adapter.file_state_dict(), adapter.config)
+    with torch.no_grad():
+        broken.up[0, 0, 0] = float("nan")
+    with pytest.raises(AdapterFileError, match="NaN"):
+        broken.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists(), "nothing is written, not even the folder"
+    with pytest.raises(AdapterFileError, match="NaN"):
+        broken.push_to_hub("fake-user/broken")
+    assert not fake_hub.repo_exists("fake-user/broken")
+    assert broken.config.weights_sha256 == adapter.config.weights_sha256, "a refused save leaves the config"
+
+
+def test_pickle_serialization_is_refused(adapters, tmp_path):
+    adapter, _ = adapters["main"]
+    with pytest.raises(ValueError, match="safetensors"):
+        adapter.save_pretrained(tmp_path / "x", safe_serialization=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_push_to_a_bare_name_lands_in_the_user_namespace(fake_hub, adapters):
+    adapter, _ = adapters["main"]
+    url = CPEAdapter.from_state_dict(adapter.file_state_dict(), adapter.config).push_to_hub("bare-eraser")
+    assert "fake-user/bare-eraser" in url
+    assert {CONFIG_NAME, WEIGHTS_NAME, "README.md"} <= set(fake_hub.files("fake-user/bare-eraser"))
+    assert 'load_cpe_adapter("fake-user/bare-eraser"' in fake_hub.files("fake-user/bare-eraser")["README.md"].decode()
+    assert same_weights(CPEAdapter.from_pretrained("fake-user/bare-eraser"), adapter)
+
+
+def test_push_to_a_new_branch(fake_hub, adapters):
+    main, _ = adapters["main"]
+    old, _ = adapters["old"]
+    repo = "fake-user/branches"
+    CPEAdapter.from_state_dict(old.file_state_dict(), old.config).push_to_hub(repo)
+    CPEAdapter.from_state_dict(main.file_state_dict(), main.config).push_to_hub(repo, revision="v2")
+    assert set(fake_hub.branches(repo)) == {"main", "v2"}
+    assert same_weights(CPEAdapter.from_pretrained(repo), old)
+    assert same_weights(CPEAdapter.from_pretrained(repo, revision="v2"), main)
+    fresh = "fake-user/new-with-branch"
+    CPEAdapter.from_state_dict(main.file_state_dict(), main.config).push_to_hub(fresh, revision="dev")
+    assert same_weights(CPEAdapter.from_pretrained(fresh, revision="dev"), main)
+
+
+def test_pushing_again_keeps_what_the_author_wrote_on_the_card(fake_hub, adapters):
+    main, _ = adapters["main"]
+    old, _ = adapters["old"]
+    repo = "fake-user/authored"
+    CPEAdapter.from_state_dict(old.file_state_dict(), old.config).push_to_hub(repo)
+    card = ModelCard.load(repo)
+    card.data.license = "creativeml-openrail-m"
+    card.text = "\n# Limitations\n\nOnly tested on SD 1.5.\n" + card.text
+    HfApi().upload_file(path_or_fileobj=str(card).encode(), path_in_repo="README.md", repo_id=repo)
+    CPEAdapter.from_state_dict(main.file_state_dict(), main.config).push_to_hub(repo)
+    renewed = ModelCard.load(repo)
+    assert renewed.data.license == "creativeml-openrail-m"
+    assert "Only tested on SD 1.5." in renewed.text
+    assert "concept main" in renewed.text and "concept old" not in renewed.text, "the generated part is renewed"
+    assert renewed.text.count("# CPE concept eraser") == 1
+
+
+def test_saving_into_a_folder_keeps_its_readme_outside_the_generated_part(adapters, tmp_path):
+    main, _ = adapters["main"]
+    old, _ = adapters["old"]
+    folder = CPEAdapter.from_state_dict(old.file_state_dict(), old.config).save_pretrained(tmp_path / "ad")
+    readme = folder / "README.md"
+    readme.write_text(readme.read_text() + "\n## Notes\n\nKeep me.\n")
+    CPEAdapter.from_state_dict(main.file_state_dict(), main.config).save_pretrained(folder)
+    text = readme.read_text()
+    assert "Keep me." in text and "concept main" in text and "concept old" not in text
+
+
+def test_card_names_no_local_base_model_and_no_license(adapters, tmp_path, monkeypatch):
+    from cpe_adapter.model_card import model_card
+
+    main, _ = adapters["main"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "sd15").mkdir(parents=True)
+    local = CPEConfig.from_dict({**main.config.to_dict(), "base_model": "models/sd15"})
+    card = model_card(local, "fake-user/x")
+    assert card.data.base_model is None and card.data.license is None
+    assert 'from_pretrained("models/sd15")' not in card.text
+    hub = CPEConfig.from_dict({**main.config.to_dict(), "base_model": "org/base"})
+    assert model_card(hub).data.base_model == "org/base"

@@ -285,10 +285,20 @@ class CPEAdapter(nn.Module):
         return merged
 
     # ------------------------------------------------------------------------------------ files
-    def save_pretrained(self, save_directory: str | os.PathLike, *, model_card: bool = True) -> Path:
-        """Write ``cpe_config.json``, ``cpe_adapter.safetensors`` and a model card; returns the folder."""
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, model_card: bool = True, safe_serialization: bool = True
+    ) -> Path:
+        """Write ``cpe_config.json``, ``cpe_adapter.safetensors`` and a model card; returns the folder.
+
+        A card already in the folder keeps everything outside its generated part. Weights are
+        always safetensors: ``safe_serialization=False`` (pickle) is refused.
+        """
         from .hub import save_adapter_folder
 
+        if safe_serialization is not True:
+            raise CPEAdapterError(
+                "safe_serialization=False would write a pickle file; cpe-adapter saves only .safetensors weights."
+            )
         return save_adapter_folder(self, save_directory, model_card=model_card)
 
     @classmethod

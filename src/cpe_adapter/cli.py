@@ -199,12 +199,12 @@ def _text_width(base: str) -> int | None:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .adapter import CPEAdapter
+    from .hub import push_folder
 
     if not Path(args.directory).is_dir():
         raise UsageError(f"{args.directory} is not a folder; push takes a saved adapter folder.")
-    adapter = CPEAdapter.from_pretrained(args.directory)
-    url = adapter.push_to_hub(args.repo, private=args.private, token=args.token, commit_message=args.message)
+    _check_repo_id(args.repo, "REPO")
+    url = push_folder(args.directory, args.repo, private=args.private, token=args.token, commit_message=args.message)
     _emit(args, {"repo": args.repo, "commit_url": url}, f"Pushed {args.directory} to {args.repo}: {url}")
     return 0
 
@@ -255,7 +255,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     concepts = _concepts(args)
     paraphrases = _paraphrases(args, concepts)
     out = _output_folder(args.out, "the trained adapter")
-    _check_repo_id(args.push_to_hub)
+    _check_repo_id(args.push_to_hub, "--push-to-hub")
     checkpoints = Path(args.resume) if args.resume else out / "checkpoints"
     if (checkpoints / "checkpoints").is_dir():
         checkpoints = checkpoints / "checkpoints"
@@ -487,8 +487,8 @@ def _output_folder(path: str, what: str) -> Path:
     return folder
 
 
-def _check_repo_id(repo_id: str | None) -> None:
-    """Refuse a malformed ``--push-to-hub`` repo id before training, not after."""
+def _check_repo_id(repo_id: str | None, flag: str) -> None:
+    """Refuse a malformed repo id before any work (training, uploading), not after."""
     if repo_id is None:
         return
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -496,7 +496,7 @@ def _check_repo_id(repo_id: str | None) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise UsageError(f"--push-to-hub {repo_id!r} is not a valid Hub repo id ({err}).") from err
+        raise UsageError(f"{flag} {repo_id!r} is not a valid Hub repo id ({err}).") from err
 
 
 def _one_line(err: BaseException) -> str:

@@ -294,11 +294,16 @@ class CPEConfig:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> CPEConfig:
         """Read ``cpe_config.json`` from a folder, a config file, or a Hub repo; or the config copy in
-        the header of a lone ``.safetensors`` weights file (such a file describes itself)."""
+        the header of a ``.safetensors`` weights file (such a file describes itself): a lone file, the
+        file ``weight_name`` names, or the weights of a folder or repo without ``cpe_config.json``."""
         from .hub import resolve_file
         from .serialization import config_from_metadata, read_config_text, read_metadata
 
-        path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **hub_kwargs)
-        if path.suffix == ".safetensors":
+        weight_name = hub_kwargs.pop("weight_name", None)
+        path = None
+        if weight_name in (None, WEIGHTS_NAME):
+            path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, required=False, **hub_kwargs)
+        if path is None or path.suffix == ".safetensors":
+            path = path or resolve_file(pretrained_model_name_or_path, weight_name or WEIGHTS_NAME, **hub_kwargs)
             return config_from_metadata(read_metadata(path), str(path))
         return cls.from_json_string(read_config_text(path))

@@ -37,7 +37,9 @@ from .serialization import (
 # library's base error where huggingface_hub exports it, OSError otherwise (requests-based versions).
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (getattr(errors, "HTTPError", OSError), OSError)
 
-HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir", "local_files_only", "weight_name")
+HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download", "weight_name")
+# Errors of the local file system (the cache folder), not of the connection.
+FILESYSTEM_ERRORS = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
 def _safe_relative(value: str | None, what: str) -> str | None:
@@ -59,6 +61,7 @@ def resolve_file(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
+    force_download: bool = False,
     required: bool = True,
 ) -> Path | None:
     """Local path of ``filename`` in a folder or Hub repo (downloaded through the Hub cache)."""
@@ -66,7 +69,7 @@ def resolve_file(
         raise AdapterFileError("The adapter source is an empty path; pass a Hub repo id, a folder or a file.")
     filename = _safe_relative(filename, "weight_name") or WEIGHTS_NAME
     subfolder = _safe_relative(subfolder, "subfolder")
-    local = Path(source)
+    local = adapter_source(source)
     if _probe(local, Path.is_file):
         return local
     if _probe(local, Path.is_dir):
@@ -90,6 +93,7 @@ def resolve_file(
                 token=token,
                 cache_dir=cache_dir,
                 local_files_only=bool(local_files_only),
+                force_download=bool(force_download),
             )
         )
     except LocalEntryNotFoundError as err:
@@ -115,11 +119,30 @@ def resolve_file(
         raise AdapterFileError(
             f"{source!r} is neither an existing local path nor a valid Hub repo id ({err})."
         ) from err
+    except FILESYSTEM_ERRORS as err:
+        where = cache_dir or "the Hub cache (HF_HUB_CACHE)"
+        raise AdapterFileError(
+            f"Could not write {filename!r} of {source!r} into {where}: {err}. Point cache_dir (or HF_HUB_CACHE) "
+            "at a writable folder."
+        ) from err
     except (HfHubHTTPError, *TRANSPORT_ERRORS) as err:
         raise AdapterFileError(
             f"Downloading {filename!r} from the Hub repo {source!r} failed: {err}. Retry when the connection works (an "
             "interrupted download is resumed, never used half-written)."
         ) from err
+
+
+def adapter_source(source: str | os.PathLike) -> Path:
+    """``source`` as a path; a ``cpe_config.json`` inside an adapter folder stands for the folder."""
+    path = Path(source)
+    if path.name == CONFIG_NAME and _probe(path, Path.is_file):
+        return path.parent
+    return path
+
+
+def is_local(source: Any) -> bool:
+    """Whether ``source`` names an existing local file or folder (rather than a Hub repo)."""
+    return isinstance(source, (str, os.PathLike)) and bool(str(source).strip()) and _probe(Path(source), Path.exists)
 
 
 def _probe(path: Path, test: Any) -> bool:
@@ -131,9 +154,18 @@ def _probe(path: Path, test: Any) -> bool:
 
 
 def _check_inside(path: Path, folder: Path) -> None:
-    """Refuse a file that resolves (through symlinks) outside ``folder``: adapters read only their own files."""
+    """Refuse a file that resolves (through symlinks) outside ``folder``: adapters read only their own files.
+
+    A snapshot folder of the Hub cache (``models--org--name/snapshots/<commit>/``, e.g. from
+    ``snapshot_download``) links every file to the repo's own ``blobs/`` folder; those links are its own.
+    """
     resolved, root = path.resolve(), folder.resolve()
-    if not resolved.is_relative_to(root):
+    roots = [root]
+    for parent in (root, *root.parents):
+        if parent.parent.name == "snapshots" and parent.parent.parent.name.startswith(("models--", "datasets--")):
+            roots.append(parent.parent.parent / "blobs")
+            break
+    if not any(resolved.is_relative_to(allowed) for allowed in roots):
         raise AdapterFileError(
             f"{path} resolves to {resolved}, outside the adapter folder {root}. Copy the file into the folder "
             "instead of linking to it."
@@ -149,8 +181,14 @@ def load_adapter(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
+    force_download: bool = False,
 ) -> CPEAdapter:
-    """Read an adapter from any accepted source (see ``load_cpe_adapter``); nothing is attached."""
+    """Read an adapter from any accepted source (see ``load_cpe_adapter``); nothing is attached.
+
+    The config is ``cpe_config.json`` beside the default weights file (checked against the copy in
+    the file's header); a file chosen with ``weight_name``, or a lone file, is described by its own
+    header copy (``cpe_config.json`` may belong to another adapter of the same folder or repo).
+    """
     if isinstance(source, CPEAdapter):
         source.check_finite(
             "contains NaN or infinite values; the adapter is broken (check its training run) and would turn every "
@@ -173,18 +211,24 @@ def load_adapter(
             f"{name} is a pickle file; cpe-adapter reads only .safetensors weights (pickle can run arbitrary code)."
         )
     hub = {"subfolder": subfolder, "revision": revision, "token": token, "cache_dir": cache_dir}
-    hub["local_files_only"] = local_files_only
+    hub.update(local_files_only=local_files_only, force_download=force_download)
     weights = resolve_file(source, weight_name or WEIGHTS_NAME, **hub)
-    if _probe(Path(source), Path.is_file):
-        config = config_from_metadata(read_metadata(weights), str(weights))
-    else:
-        config_path = resolve_file(source, CONFIG_NAME, required=False, **hub)
+    lone = _probe(adapter_source(source), Path.is_file)
+    config_path = None if lone else resolve_file(source, CONFIG_NAME, required=False, **hub)
+    try:
+        metadata = read_metadata(weights)
+        if weight_name not in (None, WEIGHTS_NAME) and METADATA_KEY in metadata:
+            config_path = None
         if config_path is not None:
             config = CPEConfig.from_json_string(read_config_text(config_path))
-            _check_header_agrees(config, read_metadata(weights), weights)
+            _check_header_agrees(config, metadata, weights)
         else:
-            config = config_from_metadata(read_metadata(weights), str(weights))
-    tensors = load_weights(weights, CPEAdapter.file_shapes(config))
+            config = config_from_metadata(metadata, str(weights))
+        tensors = load_weights(weights, CPEAdapter.file_shapes(config))
+    except AdapterFileError as err:
+        if is_local(source):
+            raise
+        raise AdapterFileError(f"{err} To replace the cached copy, load again with force_download=True.") from err
     return CPEAdapter.from_state_dict(tensors, config)
 
 
@@ -222,11 +266,19 @@ def _check_header_agrees(config: CPEConfig, metadata: dict[str, str], weights: P
 
 
 def save_adapter_folder(
-    adapter: CPEAdapter, save_directory: str | os.PathLike, *, model_card: bool = True, repo_id: str | None = None
+    adapter: CPEAdapter,
+    save_directory: str | os.PathLike,
+    *,
+    model_card: bool = True,
+    repo_id: str | None = None,
+    existing_card: str | None = None,
 ) -> Path:
     """Write weights (with the config in their header), ``cpe_config.json`` and a model card.
 
-    ``repo_id``: the Hub repo the folder is for, so the card's usage snippet loads from it.
+    ``repo_id``: the Hub repo the folder is for, so the card's usage snippet loads from it;
+    ``existing_card``: a card to renew instead of the folder's own ``README.md`` (the Hub's, on a
+    push). Everything is checked before the folder is touched, and the adapter's config takes the
+    new hash only once every file is written.
     """
     from . import __version__
     from .model_card import write_model_card
@@ -239,16 +291,19 @@ def save_adapter_folder(
             f"{folder} names a file, but an adapter is saved as a folder ({WEIGHTS_NAME}, {CONFIG_NAME} and a "
             f"model card); pass a folder such as {folder.with_suffix('')}."
         )
-    folder.mkdir(parents=True, exist_ok=True)
+    adapter.check_finite(
+        "contains NaN or infinite values; nothing was saved (loading would refuse the files). Check the training run."
+    )
     tensors = adapter.file_state_dict()
     config = CPEConfig.from_dict(
         {**adapter.config.to_dict(), "library_version": __version__, "weights_sha256": adapter.digest()}
     )
-    adapter.config = config
+    folder.mkdir(parents=True, exist_ok=True)
     save_weights(folder / WEIGHTS_NAME, tensors, config)
     config.save_pretrained(folder)
     if model_card:
-        write_model_card(config, folder, repo_id=repo_id)
+        write_model_card(config, folder, repo_id=repo_id, existing=existing_card)
+    adapter.config = config
     return folder
 
 
@@ -261,15 +316,89 @@ def push_adapter(
     commit_message: str | None = None,
     revision: str | None = None,
 ) -> str:
-    """Create ``repo_id`` if needed and upload the adapter folder; returns the commit URL."""
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    """Upload the adapter folder to ``repo_id`` (created if needed); returns the commit URL.
+
+    A card already in the repo keeps everything outside its generated part. The folder is written
+    and checked before the repo is created, so a refused adapter leaves nothing on the Hub.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        save_adapter_folder(adapter, tmp, repo_id=repo_id)
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=tmp,
-            commit_message=commit_message or f"Upload CPE adapter ({', '.join(adapter.config.concept_names)})",
-            revision=revision,
+        save_adapter_folder(adapter, tmp, model_card=False)
+        return _upload(Path(tmp), repo_id, adapter.config, private, token, commit_message, revision)
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+    revision: str | None = None,
+) -> str:
+    """Upload a saved adapter folder as it is (its own card included); returns the commit URL.
+
+    The folder must load, and its weights must match the hash its config records: a folder whose
+    weights changed after saving is refused rather than given a fresh hash on the Hub.
+    """
+    from .provenance import verify_adapter
+
+    folder = Path(folder)
+    adapter = load_adapter(folder)
+    recorded = adapter.config.weights_sha256
+    if recorded is not None and recorded != adapter.digest():
+        raise AdapterFileError(
+            f"{folder}: {verify_adapter(adapter)[0]} Re-save it with save_pretrained if the change is yours."
         )
+    return _upload(folder, repo_id, adapter.config, private, token, commit_message, revision, folder_card=True)
+
+
+def _upload(
+    folder: Path,
+    repo_id: str,
+    config: CPEConfig,
+    private: bool | None,
+    token: str | bool | None,
+    commit_message: str | None,
+    revision: str | None,
+    *,
+    folder_card: bool = False,
+) -> str:
+    """Create the repo (and branch), then commit ``folder``'s adapter files and a card in one commit.
+
+    The card renews the generated part of the folder's ``README.md`` (``folder_card``) or else of
+    the repo's current one; what their authors wrote around it is kept.
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    from .model_card import model_card
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    readme = folder / "README.md"
+    existing = readme.read_text(encoding="utf-8", errors="replace") if folder_card and readme.is_file() else None
+    if existing is None:
+        existing = _hub_card(repo_id, revision, token)
+    card = str(model_card(config, repo_id, existing)).encode("utf-8")
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
+        for name in (WEIGHTS_NAME, CONFIG_NAME)
+    ]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
+    info = api.create_commit(
+        repo_id,
+        operations,
+        commit_message=commit_message or f"Upload CPE adapter ({', '.join(config.concept_names)})",
+        revision=revision,
+    )
     return str(getattr(info, "commit_url", info))
+
+
+def _hub_card(repo_id: str, revision: str | None, token: str | bool | None) -> str | None:
+    """The text of the repo's current ``README.md``, or None when it has none."""
+    try:
+        path = hf_hub_download(repo_id, "README.md", revision=revision, token=token)
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError):
+        return None
+    return Path(path).read_text(encoding="utf-8", errors="replace")

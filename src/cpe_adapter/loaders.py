@@ -70,6 +70,7 @@ def load_cpe_adapter(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
+    force_download: bool = False,
     scale: float = 1.0,
 ) -> str:
     """Load an adapter, attach it to the pipeline's UNet and add it to the active set.
@@ -94,6 +95,7 @@ def load_cpe_adapter(
         token=token,
         cache_dir=cache_dir,
         local_files_only=local_files_only,
+        force_download=force_download,
     )
     existing = get_runtime(denoiser)
     runtime = existing or CPERuntime(denoiser)
@@ -285,9 +287,11 @@ def unload_cpe_adapter(pipe: Any, adapter_names: str | Sequence[str] | None = No
     sync_companions(pipe, runtime if runtime.adapters else None)
 
 
-def save_cpe_adapter(pipe: Any, save_directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+def save_cpe_adapter(
+    pipe: Any, save_directory: str | os.PathLike, adapter_name: str | None = None, *, safe_serialization: bool = True
+) -> Path:
     """Save one loaded adapter (the only one when ``adapter_name`` is None) to a folder."""
-    return _pick(pipe, adapter_name).save_pretrained(save_directory)
+    return _pick(pipe, adapter_name).save_pretrained(save_directory, safe_serialization=safe_serialization)
 
 
 def push_cpe_adapter_to_hub(
@@ -298,9 +302,17 @@ def push_cpe_adapter_to_hub(
     private: bool | None = None,
     token: str | bool | None = None,
     commit_message: str | None = None,
+    revision: str | None = None,
 ) -> str:
     """Upload one loaded adapter to the Hub with a model card; returns the commit URL."""
-    return push_adapter(_pick(pipe, adapter_name), repo_id, private=private, token=token, commit_message=commit_message)
+    return push_adapter(
+        _pick(pipe, adapter_name),
+        repo_id,
+        private=private,
+        token=token,
+        commit_message=commit_message,
+        revision=revision,
+    )
 
 
 def clear_cpe_cache(pipe: Any) -> None:

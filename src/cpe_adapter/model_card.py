@@ -1,4 +1,11 @@
-"""Hub model cards for adapters, built with ``huggingface_hub``'s ``ModelCard``."""
+"""Hub model cards for adapters, built with ``huggingface_hub``'s ``ModelCard``.
+
+The generated part of a card (concepts, settings, figures, usage) sits between two HTML comments.
+Saving or pushing into a place that already has a ``README.md`` replaces only that part and
+merges the front matter (``library_name``, tags, ``base_model``), so what an author wrote around
+it — limitations, a license, intended use — survives every re-save and re-push, as with PEFT's
+``create_or_update_model_card``.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +21,26 @@ TAGS = ["cpe-adapter", "concept-erasure", "diffusers", "text-to-image"]
 # Training settings longer than this (loss histories, anchor lists) stay out of the card's table.
 CELL_LIMIT = 120
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+START = "<!-- cpe-adapter card: generated from cpe_config.json, rewritten on every save; edit outside -->"
+END = "<!-- cpe-adapter card: end -->"
+# The title every card written before the markers existed starts with: such a body is all generated.
+_OLD_TITLE = "# CPE concept eraser:"
 
 
 def _fmt(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def model_card(config: CPEConfig, repo_id: str | None = None) -> ModelCard:
-    """A model card: front matter (library, base model, tags), concepts, settings, figures, usage."""
-    base = config.base_model if config.base_model and _REPO_ID.match(config.base_model) else None
-    data = ModelCardData(library_name="cpe-adapter", base_model=base, tags=list(TAGS), license="apache-2.0")
+def hub_base_model(config: CPEConfig) -> str | None:
+    """The recorded base model when it names a Hub repo: not a local folder, not a ``tiny:`` testbed."""
+    base = config.base_model
+    if not base or not _REPO_ID.match(base) or Path(base).expanduser().exists():
+        return None
+    return base
+
+
+def generated_section(config: CPEConfig, repo_id: str | None = None) -> str:
+    """The generated body: concepts, settings, figures and a usage snippet, between the markers."""
     concepts = "\n".join(f"| {c.name} | {c.neutral} | {_fmt(c.eta)} |" for c in config.concepts)
     shown = {k: _fmt(v) for k, v in sorted(config.training.items())}
     settings = "\n".join(f"| {k} | {v} |" for k, v in shown.items() if len(v) <= CELL_LIMIT)
@@ -34,10 +51,13 @@ def model_card(config: CPEConfig, repo_id: str | None = None) -> ModelCard:
         f"| {k} | {_fmt(v)} |" for k, v in sorted(config.evaluation.items()) if isinstance(v, (int, float, str))
     )
     source = repo_id or "path/to/this/adapter"
-    base_hint = config.base_model or "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    content = f"""---
-{data.to_yaml()}
----
+    base = hub_base_model(config)
+    load_base = (
+        f'DiffusionPipeline.from_pretrained("{base}")'
+        if base
+        else ('DiffusionPipeline.from_pretrained("path/to/the/base/model")  # the base it was trained for')
+    )
+    return f"""{START}
 
 # CPE concept eraser: {", ".join(config.concept_names)}
 
@@ -73,16 +93,51 @@ text dim {config.text_embed_dim}.
 import cpe_adapter
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("{base_hint}")
+pipe = {load_base}
 pipe.load_cpe_adapter("{source}", adapter_name="eraser")
 image = pipe("a painting of a starry night").images[0]
 ```
+
+{END}
 """
-    return ModelCard(content)
 
 
-def write_model_card(config: CPEConfig, folder: str | Path, repo_id: str | None = None) -> Path:
-    """Write ``README.md`` into ``folder`` atomically."""
+def model_card(config: CPEConfig, repo_id: str | None = None, existing: str | None = None) -> ModelCard:
+    """The adapter's card; with ``existing`` (a card's text), that card with its generated part renewed.
+
+    Front matter: ``library_name`` and the tags are always set; ``base_model`` when the adapter
+    records a Hub repo; everything else (``license``, ``language``...) is the author's and kept.
+    No license is declared by default: an eraser's terms follow its base model's, which only its
+    author can state.
+    """
+    section = generated_section(config, repo_id)
+    if existing is None or not existing.strip():
+        card = ModelCard(f"---\n{ModelCardData().to_yaml()}\n---\n\n{section}")
+    else:
+        card = ModelCard(existing, ignore_metadata_errors=True)
+        text = card.text
+        if START in text and END in text.split(START, 1)[1]:
+            before, rest = text.split(START, 1)
+            card.text = before + section.rstrip("\n") + rest.split(END, 1)[1]
+        elif text.lstrip().startswith(_OLD_TITLE):
+            card.text = "\n" + section
+        else:
+            card.text = text.rstrip("\n") + "\n\n" + section
+    card.data.library_name = "cpe-adapter"
+    card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *TAGS]))
+    base = hub_base_model(config)
+    if base is not None:
+        card.data.base_model = base
+    return card
+
+
+def write_model_card(
+    config: CPEConfig, folder: str | Path, repo_id: str | None = None, existing: str | None = None
+) -> Path:
+    """Write ``README.md`` into ``folder`` atomically, renewing the generated part of the card already
+    there (or of ``existing``, a card's text, e.g. the one on the Hub)."""
     path = Path(folder) / "README.md"
-    atomic_write_bytes(path, str(model_card(config, repo_id)).encode("utf-8"))
+    if existing is None and path.is_file():
+        existing = path.read_text(encoding="utf-8", errors="replace")
+    atomic_write_bytes(path, str(model_card(config, repo_id, existing)).encode("utf-8"))
     return path

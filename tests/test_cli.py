@@ -161,6 +161,18 @@ def test_eval_writes_the_report_and_the_suite_sets_its_size(saved_adapter: Path,
     assert quick["attack_recovery"] is not None and "attack_recovery" not in full
 
 
+def test_eval_takes_each_concept_once_and_names_unknown_ones(saved_adapter: Path, tmp_path: Path, capsys: Any) -> None:
+    twin = tmp_path / "twin"
+    shutil.copytree(saved_adapter, twin)
+    argv = ["eval", "--base", "tiny:sd", "--adapter", str(saved_adapter), "--adapter", str(twin), "--no-attack"]
+    result = run_json(capsys, *argv, "--out", str(tmp_path / "o"))
+    assert [name for name, row in result["per_concept"].items() if row["role"] == "erased"] == ["Van Gogh"]
+    assert main([*argv, "--erase", "Monet", "--out", str(tmp_path / "o2")]) == 2
+    assert "--erase ['Monet']: no given --adapter erases it" in capsys.readouterr().err
+    assert main([*argv, "--retain", "Van Gogh", "--out", str(tmp_path / "o3")]) == 2
+    assert "both erased and retained" in capsys.readouterr().err
+
+
 def test_demo_and_eval_work_without_the_optional_packages(
     saved_adapter: Path, tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

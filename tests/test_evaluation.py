@@ -274,6 +274,71 @@ def test_bad_input_raises_clear_errors(pipe) -> None:
         evaluate(pipe, ["Van Gogh"], [], attack_budget=0, progress=False)
     report = evaluate(pipe, ["Monet"], [], neutrals={"Monet": "a photo"}, attack=False, **FAST)
     assert report.settings["neutrals"] == {"Monet": "a photo"}
+    with pytest.raises(CPEAdapterError, match="both erased and retained"):
+        evaluate(pipe, ["Van Gogh"], ["Van Gogh"], progress=False)
+    with pytest.raises(CPEAdapterError, match="Nothing to evaluate"):
+        evaluate(pipe, [], [], progress=False)
+    with pytest.raises(CPEAdapterError, match="paraphrases"):
+        evaluate(pipe, ["Van Gogh"], [], paraphrases={"Van Gogh": ["ok", ""]}, progress=False)
+    for template in ("{} by {artist}", "{} :}", "{0} and {}"):
+        with pytest.raises(CPEAdapterError, match="format string"):
+            evaluate(pipe, ["Van Gogh"], [], templates=[template], progress=False)
+    no_attack = evaluate(pipe, ["Van Gogh"], [], attack=False, **{**FAST, "attack_budget": 0})
+    assert "attack_recovery" not in no_attack.figures, "a budget is only checked when there is an attack"
+
+
+def test_a_paraphrase_given_as_one_string_is_one_paraphrase(pipe) -> None:
+    pipe.load_cpe_adapter(random_adapter(pipe), "vg")
+    report = evaluate(pipe, ["Van Gogh"], [], paraphrases={"Van Gogh": "Vincent"}, attack=False, **FAST)
+    prompts = [r["prompt"] for r in report.records if r["kind"] == "paraphrase"]
+    assert prompts == [t.format("Vincent") for t in TEMPLATES]
+
+
+def test_evaluating_leaves_other_threads_erased(pipe) -> None:
+    """The "before" figures switch erasure off for the evaluating thread only: a server thread sharing
+    the pipeline keeps erasing meanwhile."""
+    import threading
+
+    pipe.load_cpe_adapter(random_adapter(pipe, seed=3), "vg")
+    probe = KVProbe(pipe)
+    embeds = probe.encode(["a painting by Van Gogh"])
+    with torch.no_grad():
+        erased, original = probe.project(embeds, original=False), probe.project(embeds, original=True)
+    assert not torch.allclose(erased, original)
+    seen = {}
+
+    def server() -> None:
+        with torch.no_grad():
+            seen["out"] = probe.project(embeds.clone(), original=False)
+
+    with probe.original(), torch.no_grad():
+        here = probe.project(embeds.clone(), original=False)
+        thread = threading.Thread(target=server)
+        thread.start()
+        thread.join()
+    torch.testing.assert_close(here, original, rtol=0, atol=0)
+    torch.testing.assert_close(seen["out"], erased, rtol=0, atol=0)
+    assert cpe_adapter.runtime.get_runtime(pipe.unet).enabled
+
+
+def test_evaluate_runs_under_inference_mode(pipe) -> None:
+    pipe.load_cpe_adapter(random_adapter(pipe, seed=3), "vg")
+    with torch.inference_mode():
+        report = evaluate(pipe, ["Van Gogh"], [], **{**FAST, "attack_budget": 8, "embedding_steps": 3})
+    reference = evaluate(pipe, ["Van Gogh"], [], **{**FAST, "attack_budget": 8, "embedding_steps": 3})
+    assert report.figures["embedding_attack_recovery"] == pytest.approx(reference.figures["embedding_attack_recovery"])
+    assert report.figures["embedding_attack_recovery"] > 0
+
+
+def test_warnings_say_why_an_erasure_does_not_act(pipe) -> None:
+    pipe.load_cpe_adapter(random_adapter(pipe, seed=3), "vg")
+    pipe.load_cpe_adapter(random_adapter(pipe, concept="Monet", seed=4, zero_up=True), "monet")
+    with cpe_adapter.use_cpe_adapters(pipe, ["monet"]):
+        report = evaluate(pipe, ["Van Gogh"], [], attack=False, **FAST)
+    assert report.adapters["active"] == ["monet"], "the thread's selection is what was evaluated"
+    assert "no active adapter at a nonzero scale erases it" in report.warnings()[0]
+    pipe.disable_cpe_adapters()
+    assert "disabled" in evaluate(pipe, ["Van Gogh"], [], attack=False, **FAST).warnings()[0]
 
 
 def test_progress_bar_is_shown_only_when_asked(pipe, capsys) -> None:
@@ -314,8 +379,9 @@ def test_report_files_are_written_and_parse(identity_report, tmp_path) -> None:
 
 def test_report_without_images_has_no_image_grid(pipe, tmp_path) -> None:
     pipe.load_cpe_adapter(random_adapter(pipe), "vg")
+    (tmp_path / "images_old_concept.png").write_bytes(b"an earlier report's plot")
     paths = evaluate(pipe, ["Van Gogh"], [], attack=False, **FAST).save(tmp_path)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("images_")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("images_")], "no plot of another report stays"
     assert "image_erase_shift" not in json.loads(paths["json"].read_text())
 
 

@@ -219,11 +219,25 @@ def embedding_attack(
         raise CPEAdapterError(f"epsilon must be >= 0, got {epsilon!r}.")
     if steps < 1:
         raise CPEAdapterError(f"steps must be positive, got {steps!r}.")
+    with torch.inference_mode(False):  # gradients are needed even when the caller runs in inference mode
+        return _descend(probe, prompt, epsilon, steps, step_size, embeds)
+
+
+def _descend(
+    probe: KVProbe,
+    prompt: str,
+    epsilon: float,
+    steps: int,
+    step_size: float | None,
+    embeds: torch.Tensor | None,
+) -> EmbeddingAttackResult:
+    """The projected descent of :func:`embedding_attack` (arguments already checked)."""
     from .evaluation import weighted_distance
 
     base = probe.encode([prompt]) if embeds is None else embeds.reshape(1, *embeds.shape[-2:])
-    base = base.detach().float()
+    base = base.detach().float().clone()  # a normal tensor even if encoded in inference mode
     reference = probe.project(base, original=True)
+    column_weights = probe.column_weights.clone()  # the probe may have been made in inference mode
     radius = epsilon * base.norm(dim=-1, keepdim=True)
     step = (2.5 / steps if step_size is None else step_size) * radius
     delta = torch.zeros_like(base)
@@ -232,7 +246,7 @@ def embedding_attack(
     for _ in range(steps + 1):
         delta.requires_grad_(True)
         with torch.enable_grad():
-            distance = weighted_distance(probe.project(base + delta, original=False), reference, probe.column_weights)
+            distance = weighted_distance(probe.project(base + delta, original=False), reference, column_weights)
             loss = distance.pow(2).sum()
             (grad,) = torch.autograd.grad(loss, delta)
         value = float(distance.detach()[0])

@@ -315,7 +315,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.base, args.device, args.dtype)
     names = _load_adapters(pipe, args.adapter)
     configs = [c for name, c in __import__("cpe_adapter").list_cpe_adapters(pipe).items() if name in names]
-    erased = args.erase or [c.name for config in configs for c in config.concepts]
+    known = list(dict.fromkeys(c.name for config in configs for c in config.concepts))
+    missing = [e for e in args.erase or [] if e.casefold() not in {k.casefold() for k in known}]
+    if missing:
+        raise UsageError(f"--erase {missing}: no given --adapter erases it (they erase {known}).")
+    erased = args.erase or known
     retained = args.retain or _default_retained(pipe, configs, erased, neighbours)
     report = evaluate(
         pipe,
@@ -345,10 +349,14 @@ def _default_retained(pipe: Any, configs: Sequence[Any], erased: Sequence[str], 
     from .pools import concept_pool
     from .training_data import similar_concepts
 
-    domain = next((c.preset for c in configs if c.preset), "styles")
+    fallback = next((c.preset for c in configs if c.preset), "styles")
+    domains = {s.name: c.preset or fallback for c in configs for s in c.concepts}
     lowered = [e.lower() for e in erased]
-    pool = [p for p in concept_pool(domain) if not any(e in p.lower() or p.lower() in e for e in lowered)]
-    nearest = [similar_concepts(pipe, concept, pool, count) for concept in erased]
+
+    def pool(domain: str) -> list[str]:
+        return [p for p in concept_pool(domain) if not any(e in p.lower() or p.lower() in e for e in lowered)]
+
+    nearest = [similar_concepts(pipe, concept, pool(domains.get(concept, fallback)), count) for concept in erased]
     retained: list[str] = []
     for rank in range(count):
         for names in nearest:

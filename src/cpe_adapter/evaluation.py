@@ -133,15 +133,14 @@ class KVProbe:
     # -------------------------------------------------------------------------------- switching
     @contextmanager
     def original(self) -> Iterator[None]:
-        """Adapters disabled inside the block; the initial state afterwards (also on error)."""
-        if not self.has_adapters or not self.initially_enabled:
+        """No adapter acts inside the block, in the calling thread only: other threads serving the
+        same pipeline keep their erasure while an evaluation computes its "before" figures."""
+        runtime = get_runtime(self.denoiser)
+        if runtime is None or not runtime.enabled:
             yield
             return
-        disable_cpe_adapters(self.pipe)
-        try:
+        with runtime.thread_selection([], {}):
             yield
-        finally:
-            enable_cpe_adapters(self.pipe)
 
     def restore(self) -> None:
         """Put the global enabled/disabled switch back to what it was when the probe was made."""
@@ -306,14 +305,31 @@ class EvalReport:
         """What makes the figures misleading: an erased concept the adapters barely move (below
         :data:`WEAK_ERASE`), for which a low attack recovery or drift proves nothing."""
         found = []
+        adapters = self.adapters or {}
+        loaded = adapters.get("loaded", {})
+        acting = {
+            concept.casefold()
+            for name, info in loaded.items()
+            if name in adapters.get("active", []) and info.get("scale", 0.0) != 0.0
+            for concept in info.get("concepts", [])
+        }
         for concept, row in self.per_concept.items():
             score = row.get("erase_score")
-            if row["role"] == "erased" and score is not None and score < WEAK_ERASE:
-                found.append(
-                    f"the erasure barely moves {concept!r} (erase_score {score:.4f}): too few training steps, another "
-                    "base model than the adapter's, or a text encoder without meaning (tiny:sd); its attack and "
-                    "drift figures prove nothing"
+            if row["role"] != "erased" or score is None or score >= WEAK_ERASE:
+                continue
+            if not adapters.get("enabled", False):
+                why = "the CPE adapters were disabled (enable_cpe_adapters)"
+            elif concept.casefold() not in acting:
+                why = "no active adapter at a nonzero scale erases it (set_cpe_adapters / use_cpe_adapters)"
+            else:
+                why = (
+                    "too few training steps, another base model than the adapter's, or a text encoder without "
+                    "meaning (tiny:sd)"
                 )
+            found.append(
+                f"the erasure barely moves {concept!r} (erase_score {score:.4f}): {why}; its attack and drift "
+                "figures prove nothing"
+            )
         return found
 
     def to_dict(self) -> dict[str, Any]:
@@ -424,16 +440,21 @@ def evaluate(
     """
     erased_list = _concept_list(erased, "erased")
     retained_list = _concept_list(retained, "retained")
-    paraphrases = {k: list(v) for k, v in (paraphrases or {}).items()}
+    if not erased_list and not retained_list:
+        raise CPEAdapterError("Nothing to evaluate: `erased` and `retained` are both empty.")
+    both = [c for c in erased_list if c in retained_list]
+    if both:
+        raise CPEAdapterError(f"{both} listed as both erased and retained; a concept is one or the other.")
+    paraphrases = {k: _concept_list(v, f"paraphrases[{k!r}]") for k, v in (paraphrases or {}).items()}
     unknown = sorted(set(paraphrases) - set(erased_list))
     if unknown:
         raise CPEAdapterError(f"paraphrases given for {unknown}, which are not in `erased`; add them to `erased`.")
     _check_positive(
-        attack_budget=attack_budget,
         attack_batch_size=attack_batch_size,
         embedding_steps=embedding_steps,
         image_steps=image_steps,
         batch_size=batch_size,
+        **({"attack_budget": attack_budget} if attack else {}),
     )
     _check_non_negative(attack_prompts=attack_prompts, image_prompts=image_prompts)
     if not embedding_epsilon >= 0 or not math.isfinite(embedding_epsilon):
@@ -524,6 +545,13 @@ def _check_templates(templates: Sequence[str]) -> list[str]:
     for template in items:
         if not isinstance(template, str) or template.count("{}") != 1:
             raise CPEAdapterError(f"Each template needs exactly one '{{}}' placeholder, got {template!r}.")
+        try:
+            template.format("x")
+        except (IndexError, KeyError, ValueError) as err:
+            raise CPEAdapterError(
+                f"Template {template!r} is not a format string with one '{{}}' ({err!r}); write literal braces "
+                "as '{{' and '}}'."
+            ) from err
     return items
 
 
@@ -802,13 +830,14 @@ def _adapter_summary(pipe: Any) -> dict[str, Any]:
     runtime = get_runtime(denoiser_of(pipe))
     if runtime is None:
         return {"enabled": False, "active": [], "loaded": {}}
+    active, scales = runtime.selection()  # the calling thread's (``use_cpe_adapters``), which was evaluated
     return {
         "enabled": runtime.enabled,
-        "active": list(runtime.active),
+        "active": list(active),
         "loaded": {
             name: {
                 "concepts": adapter.config.concept_names,
-                "scale": runtime.scales.get(name, 0.0),
+                "scale": scales.get(name, 0.0),
                 "preset": adapter.config.preset,
                 "weights_sha256": adapter.config.weights_sha256,
             }

@@ -174,9 +174,13 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, Pa
 
     Returns the written paths by name. JSON and Markdown are written atomically; the plots need
     matplotlib and raise :class:`MissingExtraError` (after the text files are written) without it.
+    Plots of an earlier report in the same folder are removed first, so every plot there belongs to
+    this report.
     """
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in [folder / "per_concept.png", *folder.glob("images_*.png")]:
+        stale.unlink(missing_ok=True)
     paths = {"json": folder / "report.json", "markdown": folder / "report.md"}
     atomic_write_bytes(paths["json"], (report.to_json() + "\n").encode("utf-8"))
     atomic_write_bytes(paths["markdown"], report.to_markdown().encode("utf-8"))

@@ -317,6 +317,46 @@ def test_inference_tensors_weights_and_adapters_are_never_served_stale():
     assert torch.equal(check(), check()), "the hook halves a fresh output on every call, never twice"
 
 
+@pytest.mark.parametrize("source", ["object", "folder"])
+def test_adapters_loaded_inside_inference_mode_are_normal_tensors(fresh, source, tmp_path):
+    adapter = random_adapter(fresh, 2, seed=23)
+    if source == "folder":
+        adapter = adapter.save_pretrained(tmp_path / "ad")
+    with torch.inference_mode():
+        fresh.load_cpe_adapter(adapter, "a")
+    loaded = fresh.get_cpe_adapter("a")
+    assert not any(p.is_inference() for p in loaded.parameters())
+    embeds = embeddings(2, seed=5)
+    before = unet_call(fresh, embeds)
+    with torch.inference_mode():
+        loaded.up.mul_(-1.0)  # counted, so the cached projections of ``embeds`` are dropped
+    after = unet_call(fresh, embeds)
+    with no_cache():
+        assert torch.equal(after, unet_call(fresh, embeds))
+    assert not torch.equal(after, before)
+
+
+def test_autocast_and_plain_calls_never_share_cached_results(fresh):
+    fresh.load_cpe_adapter(random_adapter(fresh, 2, seed=24), "a")
+    embeds = embeddings(2, seed=6)
+
+    def call(autocast: bool) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return unet_call(fresh, embeds)
+
+    def uncached(autocast: bool) -> torch.Tensor:
+        with no_cache():
+            return call(autocast)
+
+    plain = call(False)
+    assert torch.equal(call(True), uncached(True)), "an autocast call is not served the float32 projections"
+    assert torch.equal(call(False), plain), "nor a plain call the bfloat16 ones"
+    again = embeddings(2, seed=6)  # equal rows in a new tensor: the routing memo's turn
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unet_call(fresh, again)
+    assert torch.equal(unet_call(fresh, embeddings(2, seed=6)), plain)
+
+
 def test_direct_layer_call_after_adapter_edit_is_fresh(fresh):
     fresh.load_cpe_adapter(random_adapter(fresh, 2, seed=13), "a")
     unet = denoiser_of(fresh)

@@ -405,6 +405,40 @@ def test_sequential_cpu_offload_keeps_the_erasure(offload_first: bool) -> None:
     assert np.array_equal(generate(offloaded), bare)
 
 
+@pytest.mark.parametrize("cast_first", [False, True], ids=["load-then-cast", "cast-then-load"])
+def test_layerwise_casting_keeps_the_erasure(cast_first: bool) -> None:
+    """diffusers' ``enable_layerwise_casting`` (weights stored in bfloat16, computed in float32), in
+    either order: the erased output equals the uncached one, disabled and unloaded equal the base."""
+    from cpe_adapter.runtime import no_cache
+
+    def cast(pipeline: Any) -> None:
+        pipeline.unet.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+
+    reference = tiny_pipeline("sd")
+    cast(reference)
+    bare = generate(reference)
+    pipeline = tiny_pipeline("sd")
+    adapter = random_adapter(pipeline)
+    if cast_first:
+        cast(pipeline)
+    pipeline.load_cpe_adapter(adapter, "eraser")
+    if not cast_first:
+        cast(pipeline)
+    assert get_runtime(pipeline.unet).adapters["eraser"].gate_v.dtype == torch.float32, "kept in the compute dtype"
+    erased = generate(pipeline)
+    assert differs(erased, bare)
+    with no_cache():
+        assert np.array_equal(generate(pipeline), erased)
+    assert np.array_equal(generate(pipeline), erased)
+    pipeline.disable_cpe_adapters()
+    assert np.array_equal(generate(pipeline), bare)
+    pipeline.enable_cpe_adapters()
+    pipeline.unload_cpe_adapter()
+    stored = [p.dtype for p in pipeline.unet.parameters()]
+    assert stored == [p.dtype for p in reference.unet.parameters()], "stored as the cast base stores them"
+    assert np.array_equal(generate(pipeline), bare)
+
+
 def test_an_adapter_sized_on_an_offloaded_pipeline_lives_on_the_cpu() -> None:
     offloaded = tiny_pipeline("sd")
     sequential_cpu_offload(offloaded)
@@ -581,6 +615,23 @@ def test_deepcopy_of_an_erased_unet_is_an_independent_eraser(pipe: Any) -> None:
     twin.unload_cpe_adapter()
     assert not any(isinstance(m, CPELinear) for m in unet.modules())
     assert np.array_equal(generate(pipe), erased)
+
+
+def test_copying_or_pickling_the_unet_never_takes_the_pipeline_along(pipe: Any) -> None:
+    import pickle
+
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    pipe.load_cpe_adapter(random_adapter(pipe), "eraser")
+    memo: dict[int, Any] = {}
+    copy.deepcopy(pipe.unet, memo)
+    assert not any(isinstance(v, (AutoencoderKL, CLIPTextModel, StableDiffusionPipeline)) for v in memo.values())
+    with pytest.raises(ValueError, match="cannot be pickled"):
+        pickle.dumps(pipe.unet)
+    pipe.unload_cpe_adapter()
+    restored = pickle.loads(pickle.dumps(pipe.unet))
+    assert "cpe" not in " ".join(restored.__dict__), "an unloaded UNet pickles as it did before"
 
 
 def test_deepcopy_checks_its_own_tree_before_its_first_call(pipe: Any) -> None:

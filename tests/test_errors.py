@@ -467,3 +467,17 @@ def test_final_image_still_erased(loaded):
     fresh = tiny_pipeline("sd")
     fresh.load_cpe_adapter(CPEAdapter.from_state_dict(loaded.adapter.file_state_dict(), loaded.adapter.config))
     assert (generate(loaded.pipe) == generate(fresh)).all()
+
+
+def test_an_adapter_that_overflows_after_a_pipeline_move_is_refused_not_run() -> None:
+    pipe = tiny_pipeline("sd")
+    adapter = random_adapter(pipe)
+    with torch.no_grad():
+        adapter.gate_v.mul_(1e6)  # finite in float32, beyond float16's range
+    pipe.load_cpe_adapter(adapter, "big")
+    pipe.to(torch.float16)
+    with pytest.raises(AdapterFileError, match=r"overflows in torch\.float16"):
+        generate(pipe)
+    pipe.to(torch.float32)
+    pipe.unload_cpe_adapter()
+    assert bool(torch.isfinite(torch.as_tensor(generate(pipe))).all())

@@ -164,7 +164,7 @@ class CPEAdapter(nn.Module):
         float64 beyond float32's range) and in-memory adapters handed over as objects.
         """
         for name, param in self.named_parameters():
-            if not bool(torch.isfinite(param).all()):
+            if not bool(torch.isfinite(param.detach()).all()):
                 raise AdapterFileError(f"Adapter weight {name!r} {problem}")
 
     def restricted_to(self, layers: Sequence[TargetLayer]) -> CPEAdapter:

@@ -22,6 +22,7 @@ import contextlib
 import weakref
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import CPEAdapterError
@@ -40,23 +41,23 @@ def _controlnets(pipe: Any) -> list[nn.Module]:
 
 
 # Pipelines seen holding each UNet (the ``*_cpe_adapter*`` calls record them), so that a change
-# made on one pipeline also reaches the ControlNets of the others that share the UNet.
-PIPELINES_ATTR = "_cpe_pipelines"
+# made on one pipeline also reaches the ControlNets of the others that share the UNet. Kept here,
+# not on the UNet: the UNet then copies and pickles as it did, without its pipelines.
+_PIPELINES: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
 
 
 def _pipelines_of(denoiser: nn.Module) -> list[Any]:
-    pipelines = denoiser.__dict__.get(PIPELINES_ATTR)
+    pipelines = _PIPELINES.get(denoiser)
     return list(pipelines) if pipelines is not None else []
 
 
 def remember_pipeline(pipe: Any, denoiser: nn.Module) -> None:
-    pipelines = denoiser.__dict__.get(PIPELINES_ATTR)
-    if pipelines is None:
-        pipelines = denoiser.__dict__[PIPELINES_ATTR] = weakref.WeakSet()
+    pipelines = _PIPELINES.setdefault(denoiser, weakref.WeakSet())
     with contextlib.suppress(TypeError):  # an object without weak references: only ``pipe`` itself is synced
         pipelines.add(pipe)
 
 
+@torch.inference_mode(False)  # companions are adapters too: never inference tensors
 def sync_companions(pipe: Any, runtime: CPERuntime | None) -> None:
     """Give every ControlNet next to the UNet the erasure of the UNet, restricted to its own layers.
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .adapter import CPEAdapter
@@ -59,6 +60,9 @@ def _unique(name: str, taken: dict[str, Any]) -> str:
     return f"{name}_{index}"
 
 
+# Adapters are made outside inference mode even when loaded inside it: inference tensors have no
+# version counter, so an in-place edit of such an adapter could not invalidate the cache.
+@torch.inference_mode(False)
 def load_cpe_adapter(
     pipe: Any,
     pretrained_model_name_or_path_or_dict: Any,

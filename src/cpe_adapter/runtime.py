@@ -288,6 +288,12 @@ class CPERuntime:
         # Per thread: companions (ControlNets) that ran since this denoiser's last forward.
         self._companion_runs = threading.local()
 
+    def __reduce__(self) -> Any:
+        raise CPEAdapterError(
+            "A UNet with CPE adapters loaded cannot be pickled (torch.save, multiprocessing): save the adapters "
+            "with `pipe.save_cpe_adapter(...)`, call `pipe.unload_cpe_adapter()`, and load them again afterwards."
+        )
+
     def __deepcopy__(self, memo: dict[int, Any]) -> CPERuntime:
         """The runtime of a deep copy of the denoiser: same adapters (copied), active set and scales.
 
@@ -358,9 +364,9 @@ class CPERuntime:
 
     def routing_key(self, participants: list[tuple[str, CPEAdapter, float]] | None = None) -> tuple:
         """What the routed residual depends on besides the embedding: who takes part, at what scale
-        (of ``participants`` when the caller has them already)."""
+        (of ``participants`` when the caller has them already), and the autocast state."""
         participants = self.participants() if participants is None else participants
-        return tuple((name, id(adapter), scale) for name, adapter, scale in participants)
+        return (*((name, id(adapter), scale) for name, adapter, scale in participants), _autocast_state())
 
     @contextlib.contextmanager
     def thread_selection(self, names: list[str], scales: dict[str, float]) -> Iterator[None]:
@@ -472,6 +478,7 @@ class CPERuntime:
                     parent, attr = attn, proj
                 wrapper = CPELinear(linear, self, index)
                 _carry_offload_hook(linear, wrapper)
+                _carry_cast_hook(linear, wrapper)
                 setattr(parent, attr, wrapper)
                 wrappers.append(wrapper)
                 slots.append((attn, proj, wrapper))
@@ -499,6 +506,7 @@ class CPERuntime:
             original.weight = wrapper.weight
             original.bias = wrapper.bias
             _carry_offload_hook(wrapper, original)
+            _carry_cast_hook(wrapper, original)
             setattr(parent, attr, original)
         for hook in self._hooks:
             hook.remove()
@@ -606,7 +614,10 @@ class CPERuntime:
             entry = self._lookup(embeds)
             for wrapper in self._wrappers:
                 out = self._cached_output(entry, wrapper)
-                if out is None and wrapper.weight.device == embeds.device:
+                weight = wrapper.weight
+                if out is None and weight.device == embeds.device and weight.dtype == embeds.dtype:
+                    # Otherwise a hook brings the weights in at the layer's own call (sequential offload
+                    # to the execution device, layerwise casting to the compute dtype): computed there.
                     out = self._compute_output(entry, wrapper, embeds)
                 wrapper.__dict__["cpe_prepared"] = None if out is None else (embeds, out)
 
@@ -641,6 +652,10 @@ class CPERuntime:
             # version counter, so a later in-place edit of the adapter would go unnoticed.
             with torch.inference_mode(False):
                 adapter.to(device=like.device, dtype=like.dtype)
+            adapter.check_finite(
+                f"overflows in {like.dtype}, the dtype the pipeline was moved to after loading, and would turn "
+                "erased images into NaN; move the pipeline back to a wider dtype, or load the adapter into it again."
+            )
 
     def residual(self, embeds: torch.Tensor, like: torch.Tensor, remember: bool = False) -> torch.Tensor | None:
         """Routed residual of every layer for ``embeds`` ``[B, T, d]``: ``[B, T, sum(d_out)]``.
@@ -889,6 +904,14 @@ def _align_hooks(hook: Any) -> list[Any]:
     return list(getattr(hook, "hooks", None) or [hook])
 
 
+def _autocast_state() -> tuple:
+    """``torch.autocast`` as it is now on the CPU and CUDA: results made under it differ in dtype
+    and bits, so cached projections and remembered routes are kept apart per state."""
+    return tuple(
+        (torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None) for kind in ("cpu", "cuda")
+    )
+
+
 def _carry_offload_hook(source: nn.Module, target: nn.Module) -> None:
     """Make ``target`` carry exactly the accelerate hook of ``source`` (none if it has none).
 
@@ -923,18 +946,39 @@ def _carry_offload_hook(source: nn.Module, target: nn.Module) -> None:
         h.original_devices = original
 
 
+def _cast_hook(module: nn.Module) -> Any:
+    """diffusers' layerwise-casting hook of ``module`` (``enable_layerwise_casting``), or None."""
+    registry = module.__dict__.get("_diffusers_hook")
+    return None if registry is None else registry.get_hook("layerwise_casting")
+
+
+def _carry_cast_hook(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` the layerwise-casting hook ``source`` has (weights stored in a low-precision
+    dtype, cast to the compute dtype around each forward), so the layer that takes ``source``'s place
+    computes in the same dtype. diffusers cannot remove such a hook, so one ``target`` has stays."""
+    hook = _cast_hook(source)
+    if hook is None or _cast_hook(target) is not None:
+        return
+    from diffusers.hooks.layerwise_casting import apply_layerwise_casting_hook
+
+    apply_layerwise_casting_hook(target, hook.storage_dtype, hook.compute_dtype, hook.non_blocking)
+
+
 def adapter_placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device and dtype an adapter for ``module`` should live on.
 
     Under accelerate's sequential CPU offload the module's parameters sit on the ``meta`` device
     between forwards; the adapter then stays on the CPU and follows the loaded weights to the
-    execution device at the first forward (``CPERuntime.residual``).
+    execution device at the first forward (``CPERuntime.residual``). Under diffusers' layerwise
+    casting the weights are stored in a low-precision dtype and computed in another: the adapter
+    takes the compute dtype (it is never stored rounded to, say, float8).
     """
     reference = next(module.parameters())
     device = reference.device
     if device.type == "meta":
         device = next((p.device for p in module.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    return device, reference.dtype
+    cast = next((hook for m in module.modules() if (hook := _cast_hook(m)) is not None), None)
+    return device, reference.dtype if cast is None else cast.compute_dtype
 
 
 def get_runtime(denoiser: nn.Module, create: bool = False) -> CPERuntime | None:

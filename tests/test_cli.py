@@ -132,7 +132,7 @@ def test_train_saves_a_loadable_adapter_and_resumes(tmp_path: Path, capsys: Any)
     for key, value in adapter.file_state_dict().items():
         assert value.equal(again.file_state_dict()[key])
     # The finished concept comes from the checkpoint, not from training it again: edit the file.
-    checkpoint = out / "checkpoints" / "concept_0000.safetensors"
+    (checkpoint,) = (out / "checkpoints").glob("concept_0000_stage_*.safetensors")
     tensors = load_file(checkpoint)
     save_file({**tensors, "up": torch.zeros_like(tensors["up"])}, checkpoint)
     edited = tmp_path / "edited"
@@ -219,10 +219,11 @@ def test_overwrite_replaces_an_adapter_and_its_old_checkpoints(tmp_path: Path, c
     out = tmp_path / "out"
     base = ["train", "--base", "tiny:sd", "--preset", "styles", "--steps", "4", "--out", str(out)]
     run_json(capsys, *base, "--erase", "Van Gogh", "--erase", "Claude Monet")
-    assert (out / "checkpoints" / "concept_0001.safetensors").exists()
+    assert list((out / "checkpoints").glob("concept_0001_stage_*.safetensors"))
     run_json(capsys, *base, "--erase", "Rembrandt", "--overwrite")
     assert CPEAdapter.from_pretrained(out).config.concept_names == ["Rembrandt"]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["concept_0000.safetensors", "trainer_state.json"]
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert len(names) == 2 and names[0].startswith("concept_0000_stage_") and names[1] == "trainer_state.json"
 
 
 def test_erase_file_skips_comments_and_a_byte_order_mark(tmp_path: Path, capsys: Any) -> None:
@@ -238,13 +239,31 @@ def test_erase_file_skips_comments_and_a_byte_order_mark(tmp_path: Path, capsys:
 def test_interrupted_training_exits_130_and_says_how_to_resume(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
     from cpe_adapter import training
 
-    def interrupted(*args: Any, **kwargs: Any) -> Any:
+    real = training.train_cpe
+
+    def interrupted_before_a_stage(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "train_cpe", interrupted)
+    monkeypatch.setattr(training, "train_cpe", interrupted_before_a_stage)
     out = tmp_path / "out"
-    assert main(["train", "--base", "tiny:sd", "--erase", "x", "--out", str(out)]) == 130
-    assert f"--resume {out}" in capsys.readouterr().err
+    argv = ["train", "--base", "tiny:sd", "--erase", "x", "--preset", "styles", "--steps", "20", "--out", str(out)]
+    assert main(argv) == 130
+    assert "nothing was saved" in capsys.readouterr().err
+
+    def interrupted_after_the_first_stage(*args: Any, **kwargs: Any) -> Any:
+        def stop(stage: int, step: int, logs: dict[str, Any]) -> None:
+            if logs["phase"] == "stage_end":
+                raise KeyboardInterrupt
+
+        return real(*args, **{**kwargs, "callback": stop})
+
+    monkeypatch.setattr(training, "train_cpe", interrupted_after_the_first_stage)
+    assert main([*argv, "--overwrite"]) == 130
+    hint = capsys.readouterr().err.rsplit("--resume ", 1)[1].strip()
+    assert hint == str(out / "checkpoints") and (out / "checkpoints" / "trainer_state.json").is_file()
+    monkeypatch.setattr(training, "train_cpe", real)
+    run_json(capsys, *argv, "--resume", hint)
+    assert CPEAdapter.from_pretrained(out).config.concept_names == ["x"], "the advised command finishes the run"
 
 
 def test_push_uploads_a_folder_with_a_model_card(saved_adapter: Path, fake_hub: Any, capsys: Any) -> None:

@@ -303,10 +303,10 @@ def test_resume_from_a_stage_checkpoint_equals_an_uninterrupted_run(pipe, tmp_pa
     assert state["concepts"]["0"]["done"] is True
     assert state["concepts"]["1"] == {**state["concepts"]["1"], "next_stage": 1, "done": False}
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "concept_0000.safetensors",
-        "concept_0001.safetensors",
+        state["concepts"]["0"]["file"],
+        "concept_0001_stage_001.safetensors",
         "trainer_state.json",
-    ]
+    ], "one tensor file per concept: the previous stage's is removed once the JSON names the new one"
     ran: set[tuple[int, int]] = set()
 
     def record(stage, step, logs):
@@ -322,7 +322,7 @@ def test_resume_from_a_stage_checkpoint_equals_an_uninterrupted_run(pipe, tmp_pa
     # A finished run resumes to the same adapter at once; a lost tensor file is reported clearly.
     again = _weights(train_cpe(pipe, concepts, preset="styles", seed=3, resume_from=tmp_path, **SMALL))
     assert all(torch.equal(again[k], weights[k]) for k in weights)
-    (tmp_path / "concept_0001.safetensors").unlink()
+    (tmp_path / json.loads((tmp_path / "trainer_state.json").read_text())["concepts"]["1"]["file"]).unlink()
     with pytest.raises(CPEAdapterError, match="incomplete"):
         train_cpe(pipe, concepts, preset="styles", seed=3, resume_from=tmp_path, **SMALL)
 
@@ -414,3 +414,128 @@ def test_bad_input_is_refused_clearly(pipe, concepts, kwargs, message):
 def test_errors_are_value_errors():
     assert issubclass(CPEAdapterError, ValueError)
     assert cpe_adapter.CPEAdapterError is CPEAdapterError
+
+
+# ---------------------------------------------------------------------- determinism and resuming
+def test_projection_stack_is_the_same_at_any_thread_count():
+    """The stack (Gram matrix, eigenvectors, c_l) is built on a fixed thread count, so a seed gives
+    the same adapter in a process with one thread as in one with several (as under launchers)."""
+    from cpe_adapter.training import make_context, resolve_plan
+
+    semantic = pytest.importorskip("cpe_adapter.testing").tiny_pipeline("sd-semantic")
+    plan, _ = resolve_plan("styles", 40, None, {})
+    previous = torch.get_num_threads()
+    contexts = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            contexts.append(make_context(semantic, plan))
+    finally:
+        torch.set_num_threads(previous)
+    first, second = (c.stack for c in contexts)
+    for name in ("gram", "eigenvalues", "eigenvectors", "layer_weight"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+    assert contexts[0].fingerprint == contexts[1].fingerprint
+
+
+def test_resume_on_another_pipeline_of_the_same_name_is_refused(pipe, tmp_path):
+    train_cpe(pipe, "Van Gogh", preset="styles", seed=3, checkpoint_dir=tmp_path, **SMALL)
+    other = tiny_pipeline("sd", seed=1)  # same kind and name, other weights
+    with pytest.raises(CPEAdapterError, match="pipeline"):
+        train_cpe(other, "Van Gogh", preset="styles", seed=3, resume_from=tmp_path, **SMALL)
+
+
+def test_a_crash_between_the_two_checkpoint_writes_resumes_exactly(pipe, tmp_path, monkeypatch):
+    from cpe_adapter import serialization
+
+    uninterrupted = _weights(train_cpe(pipe, "Van Gogh", preset="styles", seed=3, **SMALL))
+    write = serialization.atomic_write_bytes
+    states = itertools.count()
+
+    def dies_at_the_second_state(path, data):
+        if path.name == "trainer_state.json" and next(states) == 1:
+            raise KeyboardInterrupt  # the stage-2 tensors are on disk, the JSON still says stage 1
+        write(path, data)
+
+    monkeypatch.setattr(serialization, "atomic_write_bytes", dies_at_the_second_state)
+    with pytest.raises(KeyboardInterrupt):
+        train_cpe(pipe, "Van Gogh", preset="styles", seed=3, checkpoint_dir=tmp_path, **SMALL)
+    monkeypatch.undo()
+    resumed = _weights(train_cpe(pipe, "Van Gogh", preset="styles", seed=3, resume_from=tmp_path, **SMALL))
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+def test_corrupt_checkpoint_contents_are_refused(pipe, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    train_cpe(pipe, "Van Gogh", preset="styles", seed=3, checkpoint_dir=tmp_path, **SMALL)
+    state_path = tmp_path / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    tensors_path = tmp_path / state["concepts"]["0"]["file"]
+    tensors = load_file(tensors_path)
+    save_file({**tensors, "up": torch.full_like(tensors["up"], float("nan"))}, tensors_path)
+    with pytest.raises(CPEAdapterError, match="non-finite"):
+        train_cpe(pipe, "Van Gogh", preset="styles", seed=3, resume_from=tmp_path, **SMALL)
+    state["concepts"]["0"]["next_stage"] = 99
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(CPEAdapterError, match="corrupt"):
+        train_cpe(pipe, "Van Gogh", preset="styles", seed=3, resume_from=tmp_path, **SMALL)
+
+
+# ------------------------------------------------------------------------------ bad settings
+def test_a_diverging_run_stops_with_a_clear_error(pipe):
+    with pytest.raises(CPEAdapterError, match="diverged in stage 1"):
+        train_cpe(pipe, "Van Gogh", preset="styles", seed=0, **{**SMALL, "first_stage_lr": 1e30})
+
+
+@pytest.mark.parametrize(
+    ("concepts", "options", "message"),
+    [
+        ("a person", {"preset": "names"}, "its own neutral phrase"),
+        (ConceptSpec("Van Gogh", "van gogh"), {}, "its own neutral phrase"),
+        ("Van Gogh", {"eta": -1.0}, "above -1"),
+        (ConceptSpec("Van Gogh", "a photo", "abc"), {}, "eta must be a finite number"),
+        ("Van Gogh", {"tie_gate_qk": "false"}, "True or False"),
+        ("Van Gogh", {"residual_rank": 0}, "residual_rank"),
+        ("Van Gogh", {"gate_rank": 1.5}, "gate_rank"),
+        ("Van Gogh", {"lr": "1e-3"}, "'lr' must be a finite number"),
+        ("Van Gogh", {"warmup_steps": -5}, "warmup_steps"),
+        ("Van Gogh", {"num_threads": 0}, "num_threads"),
+        ("Van Gogh", {"seed": 1.7}, "seed"),
+        ("Van Gogh", {"callback": "print"}, "callable"),
+        ([5], {}, "string or a ConceptSpec"),
+    ],
+)
+def test_bad_settings_are_refused_before_training(pipe, concepts, options, message):
+    options = {"preset": "styles", **FAST, "steps": 20, **options}
+    with pytest.raises(CPEAdapterError, match=message):
+        train_cpe(pipe, concepts, **options)
+
+
+def test_the_other_erased_concepts_are_never_anchors(pipe):
+    from cpe_adapter import pools
+
+    templates = ["a painting by {}"]
+    _, alone = anchor_prompts(pipe, "Claude Monet", "styles", templates, anchors=None, similar=5)
+    neighbour = alone[0].removeprefix("a painting by ")
+    _, together = anchor_prompts(
+        pipe, "Claude Monet", "styles", templates, anchors=None, similar=5, erased=["Claude Monet", neighbour]
+    )
+    assert neighbour in pools.concept_pool("styles")
+    assert not any(neighbour in prompt for prompt in together) and len(together) == len(alone)
+
+
+def test_paraphrases_differing_only_in_case_are_not_trained_twice(pipe):
+    adapter = train_cpe(
+        pipe, "Van Gogh", preset="styles", paraphrases={"Van Gogh": ["van gogh", "Vincent"]}, **{**FAST, "steps": 20}
+    )
+    assert adapter.config.concept_names == ["Van Gogh", "Vincent"]
+
+
+def test_callbacks_cannot_edit_the_recorded_history(pipe):
+    def vandal(stage, step, logs):
+        if logs["phase"] == "stage_end":
+            logs["after_erase"]["erase"] = -999.0
+
+    adapter = train_cpe(pipe, "Van Gogh", preset="styles", callback=vandal, **{**FAST, "steps": 20})
+    assert all(r["after_erase"]["erase"] != -999.0 for r in adapter.config.training["history"]["Van Gogh"])

@@ -266,6 +266,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--out {out} already holds an adapter or the checkpoints of a run; pass --resume {out} to finish "
             "that run, --overwrite to replace it, or another --out."
         )
+    args.checkpoint_folder = checkpoints  # named by the Ctrl-C message
     if args.overwrite and not args.resume and checkpoints.is_dir():
         shutil.rmtree(checkpoints)  # a fresh run: old checkpoints would be mistaken for its own
     pipe = load_pipeline(args.base, args.device, args.dtype)
@@ -532,10 +533,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CPEAdapterError, FileNotFoundError) as err:
         return _fail(args, 2, f"error: {_one_line(err)}")
     except KeyboardInterrupt:
-        hint = f"; finish the run with --resume {args.out}" if args.command == "train" else ""
-        return _fail(args, 130, f"interrupted{hint}")
+        return _fail(args, 130, f"interrupted{_resume_hint(args)}")
     except Exception as err:
         return _fail(args, 1, f"failed: {type(err).__name__}: {_one_line(err)}")
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What an interrupted ``train`` left: the folder to ``--resume`` from, or that nothing was saved."""
+    folder = getattr(args, "checkpoint_folder", None)
+    if args.command != "train" or folder is None:
+        return ""
+    from .training import CHECKPOINT_STATE
+
+    if (Path(folder) / CHECKPOINT_STATE).is_file():
+        return f"; finish the run with --resume {folder}"
+    return "; no stage had finished, so nothing was saved: run the command again"
 
 
 def _fail(args: argparse.Namespace, code: int, reason: str) -> int:

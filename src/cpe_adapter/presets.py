@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +74,37 @@ class Preset:
         unknown = sorted(set(overrides) - fields)
         if unknown:
             raise CPEAdapterError(f"Unknown hyper-parameter(s) {unknown}; valid ones are {sorted(fields)}.")
-        return dataclasses.replace(self, **overrides)
+        updated = dataclasses.replace(self, **overrides)
+        updated.check()
+        return updated
+
+    def check(self) -> None:
+        """Refuse values of the wrong type or range, naming the option (``bool`` is no number here)."""
+        counts = {"residual_rank": 1, "gate_rank": 1, "anchor_samples": 1, "adversaries": 0, "stages": 1}
+        counts.update(erase_iters=1, first_stage_iters=1, attack_iters=1, similar_anchors=0, prompt_searches=0)
+        counts.update(prompt_search_budget=1)
+        for key, least in counts.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise CPEAdapterError(f"Training option {key!r} must be an integer >= {least}, got {value!r}.")
+        positive = ("anchor_weight", "lr", "first_stage_lr", "attack_lr", "alpha")
+        for key in (*positive, "eta", "adversarial_weight"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise CPEAdapterError(f"Training option {key!r} must be a finite number, got {value!r}.")
+            if key in positive and value <= 0:
+                raise CPEAdapterError(f"Training option {key!r} must be positive, got {value!r}.")
+        if self.adversarial_weight < 0:
+            raise CPEAdapterError(
+                f"Training option 'adversarial_weight' must be >= 0, got {self.adversarial_weight!r}."
+            )
+        if self.eta <= -1:
+            raise CPEAdapterError(
+                "Training option 'eta' must be above -1 (at -1 the erase target is the concept itself), "
+                f"got {self.eta!r}."
+            )
+        if not isinstance(self.neutral, str) or not self.neutral.strip():
+            raise CPEAdapterError(f"Training option 'neutral' must be a non-empty phrase, got {self.neutral!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

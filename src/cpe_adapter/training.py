@@ -36,6 +36,7 @@ UNet's channel widths. ``M`` and ``Q`` are rebuilt from ``U`` each step (cheap, 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -240,6 +241,7 @@ WEIGHT_DECAY = 0.01
 # which draws the next step's batch instead (``ConceptRun._batches``); the attack's gain from two.
 ERASE_THREADS_CPU = 1
 ATTACK_THREADS_CPU = 2
+STACK_THREADS_CPU = 2  # the projection stack (Gram matrix, eigenvectors, c_l) is built with this many
 # Prompts found by the discrete searches that stay adversarial rows (the latest ones).
 MAX_FOUND_PROMPTS = 16
 EVAL_TEMPLATES = 8
@@ -290,7 +292,11 @@ class TrainingPlan:
             "tie_gate_qk": self.tie_gate_qk,
             "templates": None if self.templates is None else list(self.templates),
             "anchors": None if self.anchors is None else list(self.anchors),
-            "optimizer": f"AdamW(weight_decay={WEIGHT_DECAY}), cosine per stage, {self.warmup_steps} warm-up steps",
+            "optimizer": (
+                f"AdamW(weight_decay={WEIGHT_DECAY}), cosine per stage, {self.warmup_steps} warm-up steps "
+                "(at most a quarter of a stage)"
+            ),
+            "num_threads": self.num_threads,
             "anchor_noise": ANCHOR_NOISE,
             **self.recipe.to_dict(),
             **({"paraphrases": {name: list(texts) for name, texts in self.paraphrases}} if self.paraphrases else {}),
@@ -331,10 +337,7 @@ def resolve_plan(
         raise CPEAdapterError(f"Unknown training option(s) {unknown}; valid ones are {sorted(valid)}.")
     run = {k: overrides[k] for k in overrides if k in _RUN_OPTIONS}
     settings = settings.replace(**{k: v for k, v in overrides.items() if k not in _RUN_OPTIONS})
-    for key in ("stages", "erase_iters", "first_stage_iters", "attack_iters", "anchor_samples", "adversaries"):
-        value = getattr(settings, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "adversaries" else 1):
-            raise CPEAdapterError(f"Training option {key!r} must be a positive integer, got {value!r}.")
+    _check_run_options(run)
     per_anchor = settings.anchor_templates
     if per_anchor is not None and (isinstance(per_anchor, bool) or not isinstance(per_anchor, int) or per_anchor < 1):
         raise CPEAdapterError(
@@ -349,9 +352,9 @@ def resolve_plan(
         preset=settings,
         erase_iters=erase_iters,
         attack_iters=attack_iters,
-        warmup_steps=int(run.get("warmup_steps", 10)),
-        log_every=max(1, int(run.get("log_every", 50))),
-        tie_gate_qk=bool(run.get("tie_gate_qk", False)),
+        warmup_steps=run.get("warmup_steps", 10),
+        log_every=run.get("log_every", 50),
+        tie_gate_qk=run.get("tie_gate_qk", False),
         templates=None if templates is None else tuple(templates),
         anchors=None if anchors is None else tuple(str(a) for a in anchors),
         num_threads=run.get("num_threads"),
@@ -359,6 +362,18 @@ def resolve_plan(
         paraphrases=_paraphrases(run.get("paraphrases")),
     )
     return plan, run.get("name")
+
+
+def _check_run_options(run: dict[str, Any]) -> None:
+    """Refuse run options of the wrong type (``tie_gate_qk="false"`` is not False; 2.0 is no count)."""
+    for key, least in (("warmup_steps", 0), ("log_every", 1), ("num_threads", 1)):
+        value = run.get(key)
+        if value is None and key == "num_threads":
+            continue
+        if key in run and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise CPEAdapterError(f"Training option {key!r} must be an integer >= {least}, got {value!r}.")
+    if "tie_gate_qk" in run and not isinstance(run["tie_gate_qk"], bool):
+        raise CPEAdapterError(f"Training option 'tie_gate_qk' must be True or False, got {run['tie_gate_qk']!r}.")
 
 
 def _paraphrases(given: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -394,10 +409,26 @@ def concept_specs(pipe: Any, concepts: Any, plan: TrainingPlan) -> list[ConceptS
     specs = []
     for concept in concepts:
         if isinstance(concept, ConceptSpec):
-            spec = ConceptSpec(check_concept(pipe, concept.name), concept.neutral, float(concept.eta))
+            eta = concept.eta
+            if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta <= -1:
+                raise CPEAdapterError(
+                    f"ConceptSpec {concept.name!r}: eta must be a finite number above -1, got {eta!r}."
+                )
+            if not isinstance(concept.neutral, str):
+                raise CPEAdapterError(
+                    f"ConceptSpec {concept.name!r}: neutral must be a phrase, got {concept.neutral!r}."
+                )
+            spec = ConceptSpec(check_concept(pipe, concept.name), concept.neutral, float(eta))
         else:
+            if not isinstance(concept, str):
+                raise CPEAdapterError(f"Each concept must be a string or a ConceptSpec, got {concept!r:.80}.")
             spec = ConceptSpec(check_concept(pipe, concept), plan.preset.neutral, float(plan.preset.eta))
         check_concept(pipe, spec.neutral)
+        if spec.neutral.strip().casefold() == spec.name.casefold():
+            raise CPEAdapterError(
+                f"The concept {spec.name!r} is its own neutral phrase, so there is nothing to move it toward; pass "
+                "another neutral (ConceptSpec(name, neutral) or `neutral=`)."
+            )
         specs.append(spec)
     names = [s.name.lower() for s in specs]
     if len(set(names)) != len(names):
@@ -420,12 +451,12 @@ def with_paraphrases(pipe: Any, specs: list[ConceptSpec], plan: TrainingPlan) ->
             f"`paraphrases` names {unknown}, which are not among the concepts to erase {list(by_name)}."
         )
     added = []
-    seen = set(by_name)
+    seen = {name.casefold() for name in by_name}
     for concept, texts in plan.paraphrases:
         parent = by_name[concept]
         for text in texts:
-            if text not in seen:
-                seen.add(text)
+            if text.casefold() not in seen:  # as concept_specs: "van gogh" is "Van Gogh" again
+                seen.add(text.casefold())
                 added.append(ConceptSpec(check_concept(pipe, text), parent.neutral, parent.eta))
     return [*specs, *added]
 
@@ -857,13 +888,15 @@ class ConceptRun:
 
 # =============================================================================== checkpoints
 class Checkpointer:
-    """Stage checkpoints: ``trainer_state.json`` plus one ``concept_XXXX.safetensors`` per concept.
+    """Stage checkpoints: ``trainer_state.json`` plus one ``concept_XXXX_stage_YYY.safetensors`` per concept.
 
     Each concept file holds its parameters, the current adversary ``delta`` (if any) and its RNG
     state (``rng_state``, uint8) — with a fresh optimizer per stage, that is all a run needs to
     continue bit-exactly. The JSON holds the run's signature (refused on resume if it differs),
-    and per concept the next stage to run, whether it is done, its history and final losses. Files
-    are written atomically, tensors before the JSON that refers to them. No pickle anywhere.
+    and per concept the next stage to run, the tensor file of that stage, whether it is done, its
+    history and final losses. Files are written atomically, each stage's tensors to a file of their
+    own before the JSON that names them, and the previous stage's file is removed only after: a
+    crash at any point leaves a JSON and tensors of the same stage. No pickle anywhere.
     """
 
     def __init__(self, directory: str | os.PathLike, signature: dict[str, Any]) -> None:
@@ -872,8 +905,8 @@ class Checkpointer:
         self.concepts: dict[str, dict[str, Any]] = {}
 
     @staticmethod
-    def tensor_file(index: int) -> str:
-        return f"concept_{index:04d}.safetensors"
+    def tensor_file(index: int, stage: int) -> str:
+        return f"concept_{index:04d}_stage_{stage:03d}.safetensors"
 
     def load(self) -> None:
         """Read an existing checkpoint of the same run (a clear error if it is another run's)."""
@@ -893,7 +926,13 @@ class Checkpointer:
                 f"The checkpoint in {self.directory} belongs to another training run (different {differing}); "
                 "resume with the same pipeline, concepts, preset, steps, seed and options, or start afresh."
             )
-        self.concepts = state.get("concepts", {})
+        concepts = state.get("concepts", {})
+        stages = int(self.signature["plan"]["stages"])
+        for key, entry in concepts.items() if isinstance(concepts, dict) else [(None, None)]:
+            stage = entry.get("next_stage") if isinstance(entry, dict) else None
+            if not (isinstance(stage, int) and 1 <= stage <= stages and isinstance(entry.get("file"), str)):
+                raise CPEAdapterError(f"{path} is corrupt (concept {key}: {entry!r:.80}); start a fresh run.")
+        self.concepts = concepts
 
     def entry(self, index: int) -> dict[str, Any] | None:
         return self.concepts.get(str(index))
@@ -901,13 +940,18 @@ class Checkpointer:
     def tensors(self, index: int) -> dict[str, torch.Tensor]:
         from .serialization import load_weights
 
-        path = self.directory / self.tensor_file(index)
+        path = self.directory / self.concepts[str(index)]["file"]
         if not path.is_file():
             raise CPEAdapterError(f"{path} is missing; the checkpoint in {self.directory} is incomplete.")
         tensors = load_weights(path)
         missing = [k for k in (*ConceptRun.PARAMS, "rng_state") if k not in tensors]
         if missing:
             raise CPEAdapterError(f"{path} lacks {missing}; the checkpoint is corrupt, start a fresh run.")
+        floats = {k: v for k, v in tensors.items() if k != "rng_state"}
+        if tensors["rng_state"].dtype != torch.uint8 or any(
+            v.dtype != torch.float32 or not bool(torch.isfinite(v).all()) for v in floats.values()
+        ):
+            raise CPEAdapterError(f"{path} holds tensors of the wrong type or non-finite values; start a fresh run.")
         return tensors
 
     def save(self, index: int, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> None:
@@ -916,10 +960,14 @@ class Checkpointer:
         from .serialization import atomic_write_bytes
 
         self.directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.directory / self.tensor_file(index), save(tensors))
-        self.concepts[str(index)] = json.loads(json.dumps(entry))
-        state = {"format": CHECKPOINT_FORMAT, "version": 1, "run": self.signature, "concepts": self.concepts}
+        name = self.tensor_file(index, int(entry["next_stage"]))
+        previous = (self.concepts.get(str(index)) or {}).get("file")
+        atomic_write_bytes(self.directory / name, save(tensors))
+        self.concepts[str(index)] = json.loads(json.dumps({**entry, "file": name}))
+        state = {"format": CHECKPOINT_FORMAT, "version": 2, "run": self.signature, "concepts": self.concepts}
         atomic_write_bytes(self.directory / CHECKPOINT_STATE, (json.dumps(state, indent=1) + "\n").encode("utf-8"))
+        if previous is not None and previous != name:
+            (self.directory / previous).unlink(missing_ok=True)
 
 
 # ============================================================================= whole runs
@@ -935,6 +983,8 @@ class TrainingContext:
     domain: str
     base_model: str | None
     base_model_revision: str | None
+    fingerprint: str = ""
+    erased: tuple[str, ...] = ()
 
 
 def checked_device(device: Any, label: str = "device") -> torch.device:
@@ -960,8 +1010,30 @@ def make_context(pipe: Any, plan: TrainingPlan, device: Any = None) -> TrainingC
         device = next(denoiser.parameters()).device
     device = checked_device(device)
     tokens = _sequence_length(pipe)
-    stack = build_stack(denoiser, layers, tokens, device)
-    return TrainingContext(pipe, plan, layers, stack, device, plan.preset.name, *base_model_info(pipe, denoiser))
+    # A fixed thread count: the eigen-decomposition and spectral norms differ in their last bits
+    # with the count, and a seed must give the same adapter in every process.
+    with _threads(STACK_THREADS_CPU if device.type == "cpu" else None):
+        stack = build_stack(denoiser, layers, tokens, device)
+    context = TrainingContext(pipe, plan, layers, stack, device, plan.preset.name, *base_model_info(pipe, denoiser))
+    context.fingerprint = pipeline_fingerprint(pipe, stack)
+    return context
+
+
+def pipeline_fingerprint(pipe: Any, stack: ProjectionStack) -> str:
+    """A short hash of what training reads from the pipeline: the frozen projections and their
+    layer weights, and per text encoder its class, dtype, size and final parameters (a fine-tune
+    changes them). Resuming on a pipeline with another fingerprint is refused, whatever its name."""
+    from .training_data import text_encoders_of
+
+    digest = hashlib.sha256()
+    tensors = [stack.weight, stack.layer_weight]
+    for encoder in text_encoders_of(pipe):
+        params = list(encoder.parameters())
+        digest.update(f"{type(encoder).__name__}/{params[0].dtype}/{sum(p.numel() for p in params)}".encode())
+        tensors += params[-2:]
+    for tensor in tensors:
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
 
 
 def _sequence_length(pipe: Any) -> int:
@@ -999,6 +1071,7 @@ def train_one(
         anchors=plan.anchors,
         similar=plan.preset.similar_anchors,
         anchor_templates=plan.preset.anchor_templates,
+        erased=context.erased,
     )
     widened = augment_targets(context.pipe, data, spec.name, plan.recipe, domain=context.domain, seed=own_seed)
     run = ConceptRun(
@@ -1016,6 +1089,7 @@ def train_one(
             finally:
                 if bar is not None:
                     bar.close()
+            _check_diverged(run, spec.name, stage)
             if "attack_iters" in record and plan.preset.prompt_searches > 0:
                 record["found_prompts"] = search_prompts(context.pipe, run, data, spec.name, stage, own_seed)
             done = stage + 1 == plan.stages
@@ -1029,11 +1103,23 @@ def train_one(
                 callback(
                     stage,
                     plan.erase_iters[stage],
-                    {"concept": spec.name, "concept_index": index, "phase": "stage_end", **record},
+                    {"concept": spec.name, "concept_index": index, "phase": "stage_end", **copy.deepcopy(record)},
                 )
     result = result if result is not None else run.result(own_seed)
     result.variants = list(widened.variants)
     return result
+
+
+def _check_diverged(run: ConceptRun, concept: str, stage: int) -> None:
+    """Stop a run whose parameters or losses left the finite numbers: nothing after it can recover."""
+    losses = run.history[-1].get("after_erase", {}) if run.history else {}
+    broken = [k for k, v in run.params.items() if not bool(torch.isfinite(v).all())]
+    broken += [f"{k} loss" for k, v in losses.items() if not math.isfinite(v)]
+    if broken:
+        raise CPEAdapterError(
+            f"Training of {concept!r} diverged in stage {stage + 1} ({', '.join(broken)} not finite): the learning "
+            "rates (lr, first_stage_lr) or eta are too large for this model. Nothing was saved from this stage."
+        )
 
 
 def search_prompts(
@@ -1106,6 +1192,7 @@ def run_signature(context: TrainingContext, specs: list[ConceptSpec], seed: int)
         "plan": context.plan.to_dict(),
         "layers": [t.__dict__ for t in context.layers],
         "base_model": context.base_model,
+        "pipeline": context.fingerprint,
     }
 
 
@@ -1167,9 +1254,14 @@ def train_concepts(
     """Train ``concepts`` (with the user's paraphrases as concepts of their own, after them), or with
     ``shard=(rank, world)`` every ``world``-th of them from ``rank`` on; the building block of
     :func:`train_cpe` and :func:`cpe_adapter.distributed.train_many`."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CPEAdapterError(f"`seed` must be an integer, got {seed!r}.")
+    if callback is not None and not callable(callback):
+        raise CPEAdapterError(f"`callback` must be callable as callback(stage, step, logs), got {callback!r:.80}.")
     plan, name = resolve_plan(preset, steps, anchors, overrides)
     specs = with_paraphrases(pipe, concept_specs(pipe, concepts, plan), plan)
     context = make_context(pipe, plan, device)
+    context.erased = tuple(spec.name for spec in specs)
     checkpoint = None
     if checkpoint_dir is not None or resume_from is not None:
         checkpoint = Checkpointer(

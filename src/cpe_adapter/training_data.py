@@ -225,6 +225,7 @@ def anchor_prompts(
     anchors: Sequence[str] | None,
     similar: int,
     per_concept: int | None = None,
+    erased: Sequence[str] = (),
 ) -> tuple[list[str], list[str]]:
     """Anchor prompts as two lists: shared by every concept of ``domain``, and specific to ``target``.
 
@@ -233,9 +234,11 @@ def anchor_prompts(
     the everyday sentences as they are. A user ``anchors`` list replaces both (concepts filled into
     templates the same way; whole sentences for ``"explicit"``). Every anchor that contains the
     target is left out (a general word such as "cubism" when "Cubism" is erased): anchoring it
-    would hold in place what the erase loss moves.
+    would hold in place what the erase loss moves. So is every pool concept that contains another
+    concept of the same run (``erased``): those are to be erased, not kept.
     """
     lowered = target.lower()
+    others = [e.lower() for e in erased if e.lower() != lowered]
 
     def without_target(entries: Sequence[str]) -> list[str]:
         return [e for e in entries if lowered not in e.lower()]
@@ -253,7 +256,8 @@ def anchor_prompts(
     if domain == "explicit":
         return without_target(pools.concept_pool("explicit")), []
     shared = fill_rotating(templates, without_target(pools.general_words(domain)), per_concept)
-    chosen = similar_concepts(pipe, target, pools.concept_pool(domain), similar)
+    pool = [p for p in pools.concept_pool(domain) if not any(e in p.lower() for e in others)]
+    chosen = similar_concepts(pipe, target, pool, similar)
     return shared, fill_rotating(templates, chosen, per_concept)
 
 
@@ -267,14 +271,16 @@ def build_prompt_set(
     anchors: Sequence[str] | None = None,
     similar: int = 50,
     anchor_templates: int | None = None,
+    erased: Sequence[str] = (),
 ) -> PromptSet:
     """Encode everything one concept's training needs (see :class:`PromptSet`); ``anchor_templates``
-    is the number of templates per anchor concept (:func:`fill_rotating`)."""
+    is the number of templates per anchor concept (:func:`fill_rotating`); ``erased``: the run's
+    other concepts, never anchors."""
     templates = list(templates) if templates is not None else pools.templates(domain)
     if not templates or any(t.count("{}") != 1 for t in templates):
         raise CPEAdapterError("Every template needs exactly one '{}' placeholder for the concept.")
     shared, specific = anchor_prompts(
-        pipe, target, domain, templates, anchors=anchors, similar=similar, per_concept=anchor_templates
+        pipe, target, domain, templates, anchors=anchors, similar=similar, per_concept=anchor_templates, erased=erased
     )
     parts = [encode_prompts(pipe, p) for p in (shared, specific) if p]
     anchor_embeds = torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -440,6 +440,8 @@ def test_projection_stack_is_the_same_at_any_thread_count():
 
 def test_resume_on_another_pipeline_of_the_same_name_is_refused(pipe, tmp_path):
     train_cpe(pipe, "Van Gogh", preset="styles", seed=3, checkpoint_dir=tmp_path, **SMALL)
+    with pytest.raises(CPEAdapterError, match="already holds the checkpoint"):
+        train_cpe(pipe, "Van Gogh", preset="styles", seed=3, checkpoint_dir=tmp_path, **SMALL)
     other = tiny_pipeline("sd", seed=1)  # same kind and name, other weights
     with pytest.raises(CPEAdapterError, match="pipeline"):
         train_cpe(other, "Van Gogh", preset="styles", seed=3, resume_from=tmp_path, **SMALL)

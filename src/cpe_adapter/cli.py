@@ -271,8 +271,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         shutil.rmtree(checkpoints)  # a fresh run: old checkpoints would be mistaken for its own
     pipe = load_pipeline(args.base, args.device, args.dtype)
     overrides: dict[str, Any] = {}
-    if args.neutral:
-        overrides["neutral"] = args.neutral
+    if args.neutral is not None:
+        overrides["neutral"] = args.neutral  # an empty one is refused by the preset check
     started = time.perf_counter()
     adapter = train_cpe(
         pipe,

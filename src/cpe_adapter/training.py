@@ -1263,6 +1263,11 @@ def train_concepts(
     context = make_context(pipe, plan, device)
     context.erased = tuple(spec.name for spec in specs)
     checkpoint = None
+    if checkpoint_dir is not None and resume_from is None and (Path(checkpoint_dir) / CHECKPOINT_STATE).is_file():
+        raise CPEAdapterError(
+            f"{checkpoint_dir} already holds the checkpoint of a training run; pass "
+            f"resume_from={str(checkpoint_dir)!r} to finish it, or another (empty) checkpoint_dir to start afresh."
+        )
     if checkpoint_dir is not None or resume_from is not None:
         checkpoint = Checkpointer(
             checkpoint_dir if checkpoint_dir is not None else resume_from, run_signature(context, specs, seed)

@@ -461,11 +461,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="adapter folder, .safetensors file or Hub id")
     p.add_argument("--base", help="warn when the adapter was trained on another base model")
 
-    p = command("push", cmd_push, "Upload a saved adapter folder to the Hub with a model card.")
+    p = command(
+        "push",
+        cmd_push,
+        "Upload a saved adapter folder to the Hub as it is, with its model card (the generated part renewed, "
+        "the rest kept); a folder whose weights changed after saving is refused.",
+    )
     p.add_argument("directory", help="a folder written by save_pretrained or `cpe-adapter train`")
-    p.add_argument("repo", help="Hub repo id, e.g. my-org/erase-vangogh")
-    p.add_argument("--private", action="store_true", default=None)
-    p.add_argument("--token")
+    p.add_argument("repo", help="Hub repo id, e.g. my-org/erase-vangogh (a bare name goes to your namespace)")
+    p.add_argument("--private", action="store_true", default=None, help="create the repo private (if it is new)")
+    p.add_argument("--token", help="Hub token (default: the one huggingface_hub has stored)")
     p.add_argument("--message", help="commit message")
 
     from .convert import add_convert_arguments

@@ -530,3 +530,36 @@ def test_clip_score_with_a_local_model_is_the_scaled_cosine() -> None:
     assert 0.0 <= score <= 100.0
     with pytest.raises(CPEAdapterError, match="one prompt per image"):
         clip_score(images, prompts[:1], model=model, processor=processor)
+
+
+def test_images_blacked_out_by_a_safety_checker_are_reported() -> None:
+    """On a real SD pipeline the safety checker may replace unerased explicit images with black ones;
+    the report then says its image shifts compare blank images."""
+
+    class Features:
+        pixel_values = torch.zeros(1, 3, 8, 8)
+
+        def to(self, *args, **kwargs):
+            return self
+
+    class FlagEverything(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        @property
+        def device(self) -> torch.device:  # a pipeline reads its modules' devices, as diffusers models have
+            return self.weight.device
+
+        def forward(self, images, clip_input):
+            return torch.zeros_like(images), [True] * len(images)
+
+    pipe = tiny_pipeline("sd")
+    pipe.load_cpe_adapter(random_adapter(pipe), "vg")
+    pipe.safety_checker, pipe.feature_extractor = FlagEverything(), lambda *args, **kwargs: Features()
+    report = evaluate(pipe, ["Van Gogh"], [], attack=False, images=True, **{**FAST, "image_prompts": 1})
+    assert sum(r["filtered"] for r in report.records if r["kind"] == "image_erase") == 3
+    assert any("safety checker blacked out 3" in w for w in report.warnings())
+    pipe.safety_checker = None
+    clean = evaluate(pipe, ["Van Gogh"], [], attack=False, images=True, **{**FAST, "image_prompts": 1})
+    assert not any("safety checker" in w for w in clean.warnings())

@@ -129,6 +129,7 @@ class KVProbe:
         self.initially_enabled = runtime.enabled if runtime is not None else True
         reference = next(self.denoiser.parameters())
         self.device, self.dtype = reference.device, reference.dtype
+        self.filtered = 0  # images the safety checker blacked out in the last ``generate``
 
     # -------------------------------------------------------------------------------- switching
     @contextmanager
@@ -195,6 +196,8 @@ class KVProbe:
                 result = self.pipe(
                     prompt=list(prompts), num_inference_steps=steps, generator=generators, output_type="np"
                 )
+            flags = getattr(result, "nsfw_content_detected", None) or []
+            self.filtered = sum(bool(flag) for flag in flags)
             return np.asarray(result.images, dtype=np.float32)
 
         if original:
@@ -329,6 +332,12 @@ class EvalReport:
             found.append(
                 f"the erasure barely moves {concept!r} (erase_score {score:.4f}): {why}; its attack and drift "
                 "figures prove nothing"
+            )
+        filtered = sum(r.get("filtered", 0) for r in self.records)
+        if filtered:
+            found.append(
+                f"the pipeline's safety checker blacked out {filtered} of the evaluation's images, so the image "
+                "shifts compare blank images; set `pipe.safety_checker = None` for the evaluation's image figures"
             )
         return found
 
@@ -735,14 +744,19 @@ def _image_record(probe: KVProbe, index: int, unit: _Unit, seed: int, steps: int
     """Fixed-seed images of the prompt unerased and as is (and of its neutral prompt, unerased).
 
     One prompt per pipeline call, so that ``I`` and ``I'`` run the very same kernels (batching
-    changes the last bits) and an adapter that changes nothing scores exactly 0.
+    changes the last bits) and an adapter that changes nothing scores exactly 0. ``filtered``
+    counts the images the pipeline's safety checker blacked out (their shifts mean nothing).
     """
     before = probe.generate([unit.prompt], [seed], steps, original=True)[0]
+    filtered = probe.filtered
     after = probe.generate([unit.prompt], [seed], steps, original=False)[0]
+    filtered += probe.filtered
     record = _record(index, unit, shift=float(np.linalg.norm(after - before)), before=before, after=after)
     if unit.neutral_prompt is not None:
         neutral = probe.generate([unit.neutral_prompt], [seed], steps, original=True)[0]
+        filtered += probe.filtered
         record.update(gap=float(np.linalg.norm(before - neutral)), neutral=neutral)
+    record["filtered"] = filtered
     return record
 
 

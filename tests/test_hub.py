@@ -324,3 +324,14 @@ def test_card_names_no_local_base_model_and_no_license(adapters, tmp_path, monke
     assert 'from_pretrained("models/sd15")' not in card.text
     hub = CPEConfig.from_dict({**main.config.to_dict(), "base_model": "org/base"})
     assert model_card(hub).data.base_model == "org/base"
+
+
+def test_private_push_to_an_existing_public_repo_warns(fake_hub, adapters):
+    adapter, _ = adapters["main"]
+    copy = CPEAdapter.from_state_dict(adapter.file_state_dict(), adapter.config)
+    copy.push_to_hub("fake-user/public")
+    with pytest.warns(UserWarning, match="already exists and is public"):
+        copy.push_to_hub("fake-user/public", private=True)
+    assert not fake_hub.is_private("fake-user/public")
+    copy.push_to_hub("fake-user/new-private", private=True)
+    assert fake_hub.is_private("fake-user/new-private")

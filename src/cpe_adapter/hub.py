@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -374,6 +375,12 @@ def _upload(
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+    if private and not api.model_info(repo_id).private:
+        warnings.warn(
+            f"{repo_id} already exists and is public: private=True only applies to a new repo, so this upload is "
+            "public. Change the repo's visibility on the Hub (or push to a new repo) to keep it private.",
+            stacklevel=3,
+        )
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     readme = folder / "README.md"

@@ -391,6 +391,37 @@ def test_autograd_gets_fresh_graphs(fresh):
     unet.zero_grad(set_to_none=True)
 
 
+def test_autograd_routes_once_per_forward_with_the_same_gradients(fresh, monkeypatch):
+    """When the embedding needs gradients nothing is cached across calls, but within one UNet forward
+    the routed residual is computed once for every layer, with the gradients of per-layer routing."""
+    from cpe_adapter.runtime import CPERuntime
+
+    fresh.load_cpe_adapter(random_adapter(fresh, 2, seed=16), "a")
+    unet = denoiser_of(fresh)
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def gradient() -> tuple[torch.Tensor, torch.Tensor]:
+        embeds = embeddings(1, seed=11).requires_grad_(True)
+        out = unet(sample, 10, encoder_hidden_states=embeds).sample
+        out.square().sum().backward()
+        return out.detach(), embeds.grad
+
+    calls = []
+    real = CPERuntime.residual
+    monkeypatch.setattr(CPERuntime, "residual", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    shared = gradient()
+    assert len(calls) == 1, "one routing for all layers of the forward"
+    layer = unet.mid_block.attentions[0].transformer_blocks[0].attn2.to_k
+    embeds = embeddings(1, seed=11).requires_grad_(True)
+    layer(embeds), layer(embeds)
+    assert len(calls) == 3, "a layer called outside a forward computes its own"
+    monkeypatch.setattr(CPERuntime, "_forward_shared_residual", lambda self, x, weight: self.residual(x, weight))
+    reference = gradient()  # every layer routes on its own, as before sharing
+    assert len(calls) == 3 + len(get_runtime(unet).layers)
+    torch.testing.assert_close(shared[0], reference[0], rtol=0, atol=0)
+    torch.testing.assert_close(shared[1], reference[1], rtol=1e-4, atol=1e-5)  # summed in another order
+
+
 # --------------------------------------------------------------------------------- bounded memory
 def test_cache_holds_only_projections_of_live_prompts(fresh):
     fresh.load_cpe_adapter(random_adapter(fresh, 3, seed=15), "a")

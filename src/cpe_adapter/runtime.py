@@ -287,6 +287,9 @@ class CPERuntime:
         self._thread_selections = 0
         # Per thread: companions (ControlNets) that ran since this denoiser's last forward.
         self._companion_runs = threading.local()
+        # Per thread, during one denoiser forward: the residual computed for autograd, shared by
+        # every layer of that forward (``(embeds, generation, residual)``).
+        self._forward_residual = threading.local()
 
     def __reduce__(self) -> Any:
         raise CPEAdapterError(
@@ -309,6 +312,7 @@ class CPERuntime:
             "_cache": OrderedDict(),
             "_route_memo": RouteMemo(),
             "_companion_runs": threading.local(),
+            "_forward_residual": threading.local(),
             "_concept_sets": ((), []),
             "_thread_selections": 0,
             "_verified": None,  # the copied modules are not watched yet: the copy's first call scans
@@ -592,6 +596,7 @@ class CPERuntime:
         if self.primary is not None:
             runs = self.primary._companion_runs
             runs.count = getattr(runs, "count", 0) + 1
+        self._forward_residual.value, self._forward_residual.inside = None, True  # shared within this forward
         self.sync()
         if not self.applies():
             self._companion_runs.count = 0
@@ -641,6 +646,7 @@ class CPERuntime:
 
     def after_forward(self) -> None:
         """Take the prepared projections back (a direct layer call later re-checks everything)."""
+        self._forward_residual.value, self._forward_residual.inside = None, False
         for wrapper in self._wrappers:
             wrapper.__dict__["cpe_prepared"] = None
 
@@ -704,8 +710,9 @@ class CPERuntime:
             return F.linear(x, layer.weight, layer.bias)
         start, stop = self.layer_offsets[layer.cpe_index], self.layer_offsets[layer.cpe_index + 1]
         if not self._cacheable(x, projections=False):
-            residual = self.residual(x, layer.weight)
-            return F.linear(x, layer.weight, layer.bias) + residual[..., start:stop]
+            return (
+                F.linear(x, layer.weight, layer.bias) + self._forward_shared_residual(x, layer.weight)[..., start:stop]
+            )
         with self._lock:
             entry = self._lookup(x)
             if not self._cacheable(x, projections=True):
@@ -713,6 +720,22 @@ class CPERuntime:
                 return F.linear(x, layer.weight, layer.bias) + residual[..., start:stop]
             out = self._cached_output(entry, layer)
             return self._compute_output(entry, layer, x) if out is None else out
+
+    def _forward_shared_residual(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The residual of every layer for ``x`` when autograd needs it (nothing may be cached across
+        calls): computed by the first layer of a denoiser forward and shared by the others, whose
+        gradients then meet in one graph, instead of routing once per layer. Outside a forward
+        (a layer called directly) it is computed per call."""
+        local = self._forward_residual
+        if not getattr(local, "inside", False):
+            return self.residual(x, weight)
+        key = (x, _version_of(x), self.generation, weight.dtype, weight.device)
+        shared = getattr(local, "value", None)
+        if shared is not None and shared[0][0] is x and shared[0][1:] == key[1:]:
+            return shared[1]
+        residual = self.residual(x, weight)
+        local.value = (key, residual)
+        return residual
 
     def _cacheable(self, x: torch.Tensor, projections: bool) -> bool:
         """Whether the residual (and, with ``projections``, the full outputs) may be cached for ``x``."""

@@ -335,3 +335,50 @@ def test_private_push_to_an_existing_public_repo_warns(fake_hub, adapters):
     assert not fake_hub.is_private("fake-user/public")
     copy.push_to_hub("fake-user/new-private", private=True)
     assert fake_hub.is_private("fake-user/new-private")
+
+
+@pytest.mark.parametrize(
+    "readme",
+    [
+        "---\nA horizontal rule, not front matter\n---\n\nNotes the author wrote.\n",
+        "---\nlicense: [unclosed\n---\n\nNotes the author wrote.\n",
+        "Notes the author wrote, no front matter at all.\n",
+    ],
+)
+def test_any_existing_readme_is_kept_and_the_save_completes(adapters, tmp_path, readme):
+    main, _ = adapters["main"]
+    folder = tmp_path / "ad"
+    folder.mkdir()
+    (folder / "README.md").write_text(readme)
+    saved = CPEAdapter.from_state_dict(main.file_state_dict(), main.config)
+    saved.save_pretrained(folder)
+    card = ModelCard.load(folder / "README.md")
+    assert "Notes the author wrote" in card.text and "concept main" in card.text
+    assert card.data.library_name == "cpe-adapter"
+    assert saved.config.weights_sha256 == main.digest()
+
+
+def test_a_card_of_the_earlier_version_loses_the_license_and_local_base_it_claimed(adapters, tmp_path, monkeypatch):
+    main, _ = adapters["main"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "sd").mkdir(parents=True)
+    config = CPEConfig.from_dict({**main.config.to_dict(), "base_model": "models/sd"})
+    old = "---\nlibrary_name: cpe-adapter\nlicense: apache-2.0\nbase_model: models/sd\n---\n\n# CPE concept eraser: x\n"
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "README.md").write_text(old)
+    CPEAdapter.from_state_dict(main.file_state_dict(), config).save_pretrained(tmp_path / "ad")
+    card = ModelCard.load(tmp_path / "ad" / "README.md")
+    assert card.data.license is None and card.data.base_model is None
+    assert card.text.count("# CPE concept eraser") == 1
+
+
+def test_config_of_a_chosen_file_without_a_header_copy_is_the_folders(adapters, tmp_path):
+    from safetensors.torch import save_file
+
+    main, files = adapters["main"]
+    folder = tmp_path / "ad"
+    folder.mkdir()
+    (folder / CONFIG_NAME).write_bytes(files[CONFIG_NAME])
+    save_file(main.file_state_dict(), folder / "bare.safetensors")  # no config in its header
+    assert CPEConfig.from_pretrained(folder, weight_name="bare.safetensors").concept_names == ["concept main"]
+    assert same_weights(CPEAdapter.from_pretrained(folder, weight_name="bare.safetensors"), main)

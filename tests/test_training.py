@@ -541,3 +541,43 @@ def test_callbacks_cannot_edit_the_recorded_history(pipe):
 
     adapter = train_cpe(pipe, "Van Gogh", preset="styles", callback=vandal, **{**FAST, "steps": 20})
     assert all(r["after_erase"]["erase"] != -999.0 for r in adapter.config.training["history"]["Van Gogh"])
+
+
+def test_numbers_from_numpy_and_a_zero_anchor_weight_are_accepted(pipe):
+    import numpy as np
+
+    adapter = train_cpe(
+        pipe,
+        "Van Gogh",
+        preset="styles",
+        seed=np.int64(2),
+        **{**FAST, "steps": 20, "anchor_weight": 0.0, "residual_rank": np.int64(2), "eta": np.float32(0.4)},
+    )
+    training = adapter.config.training
+    assert (training["residual_rank"], training["anchor_weight"], training["seed"]) == (2, 0.0, 2)
+    assert type(training["residual_rank"]) is int and type(training["eta"]) is float
+
+
+def test_a_checkpoint_of_another_format_version_says_so(pipe, tmp_path):
+    train_cpe(pipe, "Van Gogh", preset="styles", seed=3, checkpoint_dir=tmp_path, **SMALL)
+    state_path = tmp_path / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["version"] = 1
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(CPEAdapterError, match="another version of cpe-adapter"):
+        train_cpe(pipe, "Van Gogh", preset="styles", seed=3, resume_from=tmp_path, **SMALL)
+
+
+def test_resuming_into_a_folder_holding_another_run_is_refused(pipe, tmp_path):
+    first, other = tmp_path / "first", tmp_path / "other"
+    train_cpe(pipe, "Van Gogh", preset="styles", seed=3, checkpoint_dir=first, **SMALL)
+    train_cpe(pipe, "Monet", preset="styles", seed=3, checkpoint_dir=other, **SMALL)
+    before = (other / "trainer_state.json").read_bytes()
+    with pytest.raises(CPEAdapterError, match="another run"):
+        train_cpe(pipe, "Van Gogh", preset="styles", seed=3, resume_from=first, checkpoint_dir=other, **SMALL)
+    assert (other / "trainer_state.json").read_bytes() == before
+    copy = tmp_path / "copy"
+    resumed = train_cpe(pipe, "Van Gogh", preset="styles", seed=3, resume_from=first, checkpoint_dir=copy, **SMALL)
+    state = json.loads((copy / "trainer_state.json").read_text())
+    assert (copy / state["concepts"]["0"]["file"]).is_file()
+    assert resumed.config.concept_names == ["Van Gogh"]

@@ -351,13 +351,13 @@ def _default_retained(pipe: Any, configs: Sequence[Any], erased: Sequence[str], 
     from .training_data import similar_concepts
 
     fallback = next((c.preset for c in configs if c.preset), "styles")
-    domains = {s.name: c.preset or fallback for c in configs for s in c.concepts}
+    domains = {s.name.casefold(): c.preset or fallback for c in configs for s in c.concepts}
     lowered = [e.lower() for e in erased]
 
     def pool(domain: str) -> list[str]:
         return [p for p in concept_pool(domain) if not any(e in p.lower() or p.lower() in e for e in lowered)]
 
-    nearest = [similar_concepts(pipe, concept, pool(domains.get(concept, fallback)), count) for concept in erased]
+    nearest = [similar_concepts(pipe, c, pool(domains.get(c.casefold(), fallback)), count) for c in erased]
     retained: list[str] = []
     for rank in range(count):
         for names in nearest:
@@ -464,8 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "push",
         cmd_push,
-        "Upload a saved adapter folder to the Hub as it is, with its model card (the generated part renewed, "
-        "the rest kept); a folder whose weights changed after saving is refused.",
+        "Upload a saved adapter folder to the Hub: its weights and cpe_config.json as they are, and its model card "
+        "(the generated part renewed, the rest kept); a folder whose weights changed after saving is refused.",
     )
     p.add_argument("directory", help="a folder written by save_pretrained or `cpe-adapter train`")
     p.add_argument("repo", help="Hub repo id, e.g. my-org/erase-vangogh (a bare name goes to your namespace)")

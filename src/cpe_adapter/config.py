@@ -300,10 +300,14 @@ class CPEConfig:
         from .serialization import config_from_metadata, read_config_text, read_metadata
 
         weight_name = hub_kwargs.pop("weight_name", None)
-        path = None
-        if weight_name in (None, WEIGHTS_NAME):
-            path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, required=False, **hub_kwargs)
+        source = pretrained_model_name_or_path
+        if weight_name not in (None, WEIGHTS_NAME):  # the chosen file's own header, as loading reads it
+            weights = resolve_file(source, weight_name, **hub_kwargs)
+            metadata = read_metadata(weights)
+            if METADATA_KEY in metadata:
+                return config_from_metadata(metadata, str(weights))
+        path = resolve_file(source, CONFIG_NAME, required=False, **hub_kwargs)
         if path is None or path.suffix == ".safetensors":
-            path = path or resolve_file(pretrained_model_name_or_path, weight_name or WEIGHTS_NAME, **hub_kwargs)
+            path = path or resolve_file(source, WEIGHTS_NAME, **hub_kwargs)
             return config_from_metadata(read_metadata(path), str(path))
         return cls.from_json_string(read_config_text(path))

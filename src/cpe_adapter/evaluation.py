@@ -451,7 +451,7 @@ def evaluate(
     retained_list = _concept_list(retained, "retained")
     if not erased_list and not retained_list:
         raise CPEAdapterError("Nothing to evaluate: `erased` and `retained` are both empty.")
-    both = [c for c in erased_list if c in retained_list]
+    both = [c for c in erased_list if c.casefold() in {r.casefold() for r in retained_list}]
     if both:
         raise CPEAdapterError(f"{both} listed as both erased and retained; a concept is one or the other.")
     paraphrases = {k: _concept_list(v, f"paraphrases[{k!r}]") for k, v in (paraphrases or {}).items()}

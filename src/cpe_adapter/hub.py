@@ -27,6 +27,7 @@ from .config import CONFIG_NAME, METADATA_KEY, WEIGHTS_NAME, CPEConfig
 from .errors import AdapterFileError, CPEAdapterError
 from .serialization import (
     PICKLE_SUFFIXES,
+    atomic_write_bytes,
     config_from_metadata,
     load_weights,
     read_config_text,
@@ -282,7 +283,7 @@ def save_adapter_folder(
     new hash only once every file is written.
     """
     from . import __version__
-    from .model_card import write_model_card
+    from .model_card import model_card as build_model_card
 
     folder = Path(save_directory)
     if folder.exists() and not folder.is_dir():
@@ -299,11 +300,17 @@ def save_adapter_folder(
     config = CPEConfig.from_dict(
         {**adapter.config.to_dict(), "library_version": __version__, "weights_sha256": adapter.digest()}
     )
+    card = None
+    if model_card:  # built first: a card that cannot be written must not leave half a folder
+        readme = folder / "README.md"
+        if existing_card is None and readme.is_file():
+            existing_card = readme.read_text(encoding="utf-8", errors="replace")
+        card = str(build_model_card(config, repo_id, existing_card)).encode("utf-8")
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(folder / WEIGHTS_NAME, tensors, config)
     config.save_pretrained(folder)
-    if model_card:
-        write_model_card(config, folder, repo_id=repo_id, existing=existing_card)
+    if card is not None:
+        atomic_write_bytes(folder / "README.md", card)
     adapter.config = config
     return folder
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from .config import CPEConfig
-from .serialization import atomic_write_bytes
 
 TAGS = ["cpe-adapter", "concept-erasure", "diffusers", "text-to-image"]
 # Training settings longer than this (loss histories, anchor lists) stay out of the card's table.
@@ -114,13 +114,15 @@ def model_card(config: CPEConfig, repo_id: str | None = None, existing: str | No
     if existing is None or not existing.strip():
         card = ModelCard(f"---\n{ModelCardData().to_yaml()}\n---\n\n{section}")
     else:
-        card = ModelCard(existing, ignore_metadata_errors=True)
+        card = _parse(existing)
         text = card.text
         if START in text and END in text.split(START, 1)[1]:
             before, rest = text.split(START, 1)
             card.text = before + section.rstrip("\n") + rest.split(END, 1)[1]
-        elif text.lstrip().startswith(_OLD_TITLE):
+        elif text.lstrip().startswith(_OLD_TITLE):  # written whole by an earlier version: all of it is ours
             card.text = "\n" + section
+            if card.data.license == "apache-2.0":  # which that version claimed for every adapter
+                card.data.license = None
         else:
             card.text = text.rstrip("\n") + "\n\n" + section
     card.data.library_name = "cpe-adapter"
@@ -128,16 +130,17 @@ def model_card(config: CPEConfig, repo_id: str | None = None, existing: str | No
     base = hub_base_model(config)
     if base is not None:
         card.data.base_model = base
+    elif config.base_model and card.data.base_model == config.base_model:
+        card.data.base_model = None  # a local folder or a testbed is no Hub model
     return card
 
 
-def write_model_card(
-    config: CPEConfig, folder: str | Path, repo_id: str | None = None, existing: str | None = None
-) -> Path:
-    """Write ``README.md`` into ``folder`` atomically, renewing the generated part of the card already
-    there (or of ``existing``, a card's text, e.g. the one on the Hub)."""
-    path = Path(folder) / "README.md"
-    if existing is None and path.is_file():
-        existing = path.read_text(encoding="utf-8", errors="replace")
-    atomic_write_bytes(path, str(model_card(config, repo_id, existing)).encode("utf-8"))
-    return path
+def _parse(text: str) -> ModelCard:
+    """``text`` as a card; one whose front matter does not parse (a leading ``---`` rule, broken
+    YAML) is kept whole as the body of a card with empty front matter."""
+    try:
+        return ModelCard(text, ignore_metadata_errors=True)
+    except (ValueError, yaml.YAMLError):
+        card = ModelCard(f"---\n{ModelCardData().to_yaml()}\n---\n")
+        card.text = "\n" + text
+        return card

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +75,7 @@ class Preset:
         unknown = sorted(set(overrides) - fields)
         if unknown:
             raise CPEAdapterError(f"Unknown hyper-parameter(s) {unknown}; valid ones are {sorted(fields)}.")
-        updated = dataclasses.replace(self, **overrides)
+        updated = dataclasses.replace(self, **{k: _plain(getattr(self, k), v) for k, v in overrides.items()})
         updated.check()
         return updated
 
@@ -87,8 +88,8 @@ class Preset:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise CPEAdapterError(f"Training option {key!r} must be an integer >= {least}, got {value!r}.")
-        positive = ("anchor_weight", "lr", "first_stage_lr", "attack_lr", "alpha")
-        for key in (*positive, "eta", "adversarial_weight"):
+        positive = ("lr", "first_stage_lr", "attack_lr", "alpha")
+        for key in (*positive, "eta", "adversarial_weight", "anchor_weight"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise CPEAdapterError(f"Training option {key!r} must be a finite number, got {value!r}.")
@@ -112,6 +113,18 @@ class Preset:
     @property
     def total_erase_iters(self) -> int:
         return self.first_stage_iters + (self.stages - 1) * self.erase_iters
+
+
+def _plain(default: Any, value: Any) -> Any:
+    """``value`` as a plain ``int``/``float`` when the option's default is one and ``value`` is a
+    number of that kind from elsewhere (``numpy.int64`` from ``np.arange`` sweeps); else as given."""
+    if isinstance(value, bool) or isinstance(default, bool):
+        return value
+    if isinstance(default, int) and isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(default, float) and isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 PRESETS: dict[str, Preset] = {

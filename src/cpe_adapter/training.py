@@ -40,6 +40,7 @@ import copy
 import hashlib
 import json
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -248,6 +249,7 @@ EVAL_TEMPLATES = 8
 EVAL_ANCHORS = 32
 CHECKPOINT_STATE = "trainer_state.json"
 CHECKPOINT_FORMAT = "cpe-adapter-training-checkpoint"
+CHECKPOINT_VERSION = 2
 _RUN_OPTIONS = {
     "tie_gate_qk",
     "name",
@@ -368,10 +370,11 @@ def _check_run_options(run: dict[str, Any]) -> None:
     """Refuse run options of the wrong type (``tie_gate_qk="false"`` is not False; 2.0 is no count)."""
     for key, least in (("warmup_steps", 0), ("log_every", 1), ("num_threads", 1)):
         value = run.get(key)
-        if value is None and key == "num_threads":
+        if key not in run or (value is None and key == "num_threads"):
             continue
-        if key in run and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
             raise CPEAdapterError(f"Training option {key!r} must be an integer >= {least}, got {value!r}.")
+        run[key] = int(value)
     if "tie_gate_qk" in run and not isinstance(run["tie_gate_qk"], bool):
         raise CPEAdapterError(f"Training option 'tie_gate_qk' must be True or False, got {run['tie_gate_qk']!r}.")
 
@@ -919,6 +922,11 @@ class Checkpointer:
             raise CPEAdapterError(f"{path} is not a readable checkpoint ({err}); start a fresh run.") from err
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CPEAdapterError(f"{path} is not a cpe-adapter training checkpoint.")
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise CPEAdapterError(
+                f"{path} was written by another version of cpe-adapter (checkpoint format {state.get('version')!r}, "
+                f"this one reads {CHECKPOINT_VERSION}); it cannot be resumed: start a fresh run."
+            )
         theirs = state.get("run", {})
         differing = sorted(k for k in set(theirs) | set(self.signature) if theirs.get(k) != self.signature.get(k))
         if differing:
@@ -964,7 +972,8 @@ class Checkpointer:
         previous = (self.concepts.get(str(index)) or {}).get("file")
         atomic_write_bytes(self.directory / name, save(tensors))
         self.concepts[str(index)] = json.loads(json.dumps({**entry, "file": name}))
-        state = {"format": CHECKPOINT_FORMAT, "version": 2, "run": self.signature, "concepts": self.concepts}
+        state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "run": self.signature}
+        state["concepts"] = self.concepts
         atomic_write_bytes(self.directory / CHECKPOINT_STATE, (json.dumps(state, indent=1) + "\n").encode("utf-8"))
         if previous is not None and previous != name:
             (self.directory / previous).unlink(missing_ok=True)
@@ -1254,8 +1263,9 @@ def train_concepts(
     """Train ``concepts`` (with the user's paraphrases as concepts of their own, after them), or with
     ``shard=(rank, world)`` every ``world``-th of them from ``rank`` on; the building block of
     :func:`train_cpe` and :func:`cpe_adapter.distributed.train_many`."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise CPEAdapterError(f"`seed` must be an integer, got {seed!r}.")
+    seed = int(seed)
     if callback is not None and not callable(callback):
         raise CPEAdapterError(f"`callback` must be callable as callback(stage, step, logs), got {callback!r:.80}.")
     plan, name = resolve_plan(preset, steps, anchors, overrides)
@@ -1263,11 +1273,19 @@ def train_concepts(
     context = make_context(pipe, plan, device)
     context.erased = tuple(spec.name for spec in specs)
     checkpoint = None
-    if checkpoint_dir is not None and resume_from is None and (Path(checkpoint_dir) / CHECKPOINT_STATE).is_file():
-        raise CPEAdapterError(
-            f"{checkpoint_dir} already holds the checkpoint of a training run; pass "
-            f"resume_from={str(checkpoint_dir)!r} to finish it, or another (empty) checkpoint_dir to start afresh."
-        )
+    into_other = resume_from is not None and checkpoint_dir is not None
+    into_other = into_other and Path(resume_from).resolve() != Path(checkpoint_dir).resolve()
+    if checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_STATE).is_file():
+        if resume_from is None:
+            raise CPEAdapterError(
+                f"{checkpoint_dir} already holds the checkpoint of a training run; pass "
+                f"resume_from={str(checkpoint_dir)!r} to finish it, or another (empty) checkpoint_dir to start afresh."
+            )
+        if into_other:
+            raise CPEAdapterError(
+                f"checkpoint_dir {checkpoint_dir} already holds the checkpoint of another run; resume from "
+                f"{resume_from} into an empty folder (or into {resume_from} itself)."
+            )
     if checkpoint_dir is not None or resume_from is not None:
         checkpoint = Checkpointer(
             checkpoint_dir if checkpoint_dir is not None else resume_from, run_signature(context, specs, seed)
@@ -1275,10 +1293,11 @@ def train_concepts(
         if resume_from is not None:
             source = Checkpointer(resume_from, checkpoint.signature)
             source.load()
-            checkpoint.concepts = source.concepts
-            if Path(resume_from).resolve() != checkpoint.directory.resolve():
+            if into_other:  # copied concept by concept: the new state never names a file not there yet
                 for key in source.concepts:
                     checkpoint.save(int(key), source.tensors(int(key)), source.concepts[key])
+            else:
+                checkpoint.concepts = source.concepts
     rank, world = (0, 1) if shard is None else shard
     chosen = range(rank, len(specs), world)
     results = [

@@ -100,6 +100,38 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: Any) -> None:
     assert main(["train", "--base", "tiny:sd", "--erase", "x", "--preset", "bogus", "--out", "o"]) == 2
 
 
+def test_generate_checks_its_arguments_before_any_work(saved_adapter: Path, tmp_path: Path, capsys: Any) -> None:
+    args = ["generate", "--base", "tiny:sd", "--adapter", str(saved_adapter), "--prompt", "x"]
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    (tmp_path / "folder.png").mkdir()
+    for extra, message in [
+        (["--steps", "0", "--out", str(tmp_path / "x.png")], "must be a positive integer"),
+        (["--steps", "1000", "--out", str(tmp_path / "x.png")], "fewer than 1000 steps"),
+        (["--seed", "99999999999999999999999", "--out", str(tmp_path / "x.png")], "2**63"),
+        (["--out", str(tmp_path / "x.psd")], "no image format Pillow writes"),
+        (["--out", str(tmp_path / "folder.png")], "a folder is in the way"),
+        (["--out", str(a_file / "x.png")], "a folder is in the way"),
+    ]:
+        assert main([*args, *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "x.png").exists()
+    assert main([*args, "--steps", "2", "--width", "32", "--out", str(tmp_path / "w.png")]) == 0
+    assert Image.open(tmp_path / "w.png").size == (32, 32), "a width alone sets both sides"
+    capsys.readouterr()
+    assert main([*args[:-2], "--json", "--out", str(tmp_path / "y.png")]) == 2  # no --prompt
+    assert json.loads(capsys.readouterr().out)["exit_code"] == 2, "--json answers even a parse error in JSON"
+
+
+def test_demo_checks_its_output_and_steps_first(tmp_path: Path, capsys: Any) -> None:
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    assert main(["demo", "--kind", "sd", "--out", str(a_file)]) == 2
+    assert "existing file" in capsys.readouterr().err
+    assert main(["demo", "--kind", "sd", "--steps", "0", "--out", str(tmp_path / "d")]) == 2
+    assert not (tmp_path / "d").exists()
+
+
 def test_generate_writes_a_before_after_grid(saved_adapter: Path, tmp_path: Path, capsys: Any) -> None:
     out = tmp_path / "grid.png"
     args = ["generate", "--base", "tiny:sd", "--adapter", str(saved_adapter), "--prompt", "a painting by Van Gogh"]

@@ -277,3 +277,35 @@ def test_main_cli_convert_subcommand(tmp_path: Path) -> None:
     assert adapter.config.tie_gate_qk
     assert main(["convert", "--base", "tiny:sd", file, "--out", str(tmp_path / "b")]) == 0
     assert torch.equal(CPEAdapter.from_pretrained(tmp_path / "b").up, adapter.up)
+
+
+def test_cli_convert_never_replaces_an_adapter_unasked(tmp_path: Path, capsys: Any) -> None:
+    raw = reference_tensors(tiny_pipeline("sd"), seed=9)
+    file = str(write(raw, tmp_path / "van_gogh.safetensors"))
+    out = tmp_path / "a"
+    base = ["convert", "--base", "tiny:sd", file, "--out", str(out)]
+    assert main([*base, "--concept", "Van Gogh"]) == 0
+    (out / "checkpoints").mkdir()
+    before = (out / "cpe_config.json").read_bytes()
+    assert main([*base, "--concept", "Other"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "cpe_config.json").read_bytes() == before
+    assert main([*base, "--concept", "Other", "--overwrite"]) == 0
+    assert CPEAdapter.from_pretrained(out).config.concept_names == ["Other"]
+    assert not (out / "checkpoints").exists(), "the replaced adapter's training checkpoints go with it"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--neutral", ""], "neutral phrase must be non-empty"),
+        (["--concept", "a person"], "mapped toward itself"),
+        (["SAME"], "twice"),
+    ],
+)
+def test_cli_convert_refuses_what_training_refuses(tmp_path: Path, capsys: Any, extra: list[str], message: str) -> None:
+    raw = reference_tensors(tiny_pipeline("sd"), seed=9)
+    file = str(write(raw, tmp_path / "van_gogh.safetensors"))
+    extra = [file if e == "SAME" else e for e in extra]
+    argv = ["convert", "--base", "tiny:sd", file, *extra, "--out", str(tmp_path / "a")]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -221,16 +221,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % 8):
             raise UsageError(f"--{name} {value}: image sides must be positive multiples of 8.")
-    if out.suffix.lower() not in Image.registered_extensions():
-        raise UsageError(f"--out {out}: unknown image format {out.suffix!r}; use a .png or .jpg file name.")
+    image_format = Image.registered_extensions().get(out.suffix.lower())
+    if image_format is None or image_format not in Image.SAVE:
+        raise UsageError(f"--out {out}: {out.suffix!r} is no image format Pillow writes; use a .png or .jpg name.")
+    if out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
+        raise UsageError(f"--out {out}: a folder is in the way (or a file where a folder goes); name an image file.")
     pipe = load_pipeline(args.base, args.device, args.dtype, progress=not args.json)
+    limit = getattr(getattr(pipe, "scheduler", None), "config", {}).get("num_train_timesteps")
+    if isinstance(limit, int) and args.steps >= limit:
+        raise UsageError(f"--steps {args.steps}: this model's scheduler allows fewer than {limit} steps.")
     names = _load_adapters(pipe, args.adapter, args.scale)
 
     def render() -> Any:
         generator = torch.Generator("cpu").manual_seed(args.seed)
         kwargs = {"num_inference_steps": args.steps, "generator": generator}
-        if args.height:
-            kwargs.update(height=args.height, width=args.width or args.height)
+        if args.height or args.width:  # a side not given is the other one's
+            kwargs.update(height=args.height or args.width, width=args.width or args.height)
         return pipe(args.prompt, **kwargs).images[0]
 
     after = render()
@@ -375,12 +381,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _output_folder(args.out, "the demo")
     result = run_demo(out_dir=args.out, steps=args.steps, progress=not args.json, kind=args.kind)
+    if args.json:
+        for note in result["notes"]:  # on stdout only in the JSON; said on stderr too
+            print(f"cpe-adapter demo: {note}", file=sys.stderr)
     _emit(args, result, result.pop("text", ""))
     return 0
 
 
 # ------------------------------------------------------------------------------------ parser
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed torch's generators take (0 <= seed < 2**63)."""
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**63 - 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpe-adapter", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -417,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (its checkpoints/ subfolder makes --resume possible)")
     p.add_argument("--overwrite", action="store_true", help="replace an adapter or checkpoints already in --out")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub repo")
-    p.add_argument("--seed", type=int, default=0, help="training seed (default 0; same seed, same weights)")
-    p.add_argument("--steps", type=int, help="total erase iterations (default: the preset's schedule)")
+    p.add_argument("--seed", type=_seed, default=0, help="training seed (default 0; same seed, same weights)")
+    p.add_argument("--steps", type=_positive, help="total erase iterations (default: the preset's schedule)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", help="dtype of the base model while encoding prompts (training runs in fp32)")
     p.add_argument("--resume", metavar="DIR", help="checkpoint folder of an interrupted run")
@@ -430,8 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--compare", action="store_true", help="write a before/after grid")
     p.add_argument("--out", required=True, help="output PNG")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    p.add_argument("--steps", type=_positive, default=30, help="denoising steps (default 30)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, help="image width in pixels (default: --height, else the model's)")
     p.add_argument("--device")
@@ -453,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-attack", action="store_true", help="skip the red-teaming attacks")
     p.add_argument("--images", action="store_true", help="also measure image shifts (slower)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of the attacks and images (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the attacks and images (default 0)")
     p.add_argument("--device")
     p.add_argument("--dtype")
 
@@ -482,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", cmd_demo, "Offline demo: train, save, reload, stack and evaluate on a tiny pipeline.")
     p.add_argument("--out", default="outputs/demo", help="where the demo writes its adapters and report")
-    p.add_argument("--steps", type=int, help="erase iterations (default: a short schedule)")
+    p.add_argument("--steps", type=_positive, help="erase iterations (default: a short schedule)")
     p.add_argument(
         "--kind",
         default="sd-semantic",
@@ -494,10 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _output_folder(path: str, what: str) -> Path:
-    """``path`` as a folder to write into, refused before any work if it is an existing file."""
+    """``path`` as a folder to write into, refused before any work if it is an existing file or
+    cannot be created."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out {folder} is an existing file; {what} needs a folder.")
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK)):
+        raise UsageError(f"--out {folder}: {existing} cannot hold {what} (not a writable folder).")
     return folder
 
 
@@ -529,7 +559,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
-        return int(exit_.code or 0)
+        code = int(exit_.code or 0)
+        if code and "--json" in (sys.argv[1:] if argv is None else list(argv)):
+            print(json.dumps({"error": "invalid arguments (see the message on stderr)", "exit_code": code}))
+        return code
     import torch
 
     try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from .adapter import CPEAdapter, base_model_info
-from .config import TargetLayer
+from .config import CONFIG_NAME, TargetLayer
 from .errors import CPEAdapterError
 from .presets import get_preset
 from .runtime import denoiser_of, find_target_layers
@@ -205,7 +206,16 @@ def convert_reference_checkpoints(
         raise CPEAdapterError(f"Got {len(names)} concept names for {len(files)} files; pass one name per file.")
     if any(not isinstance(n, str) or not n.strip() for n in names):
         raise CPEAdapterError(f"Concept names must be non-empty strings, got {names}.")
-    get_preset(preset)
+    if len({n.strip().casefold() for n in names}) != len(names):
+        raise CPEAdapterError(f"A concept is named twice in {names}; convert each concept once.")
+    if len({f.resolve() for f in files}) != len(files):
+        raise CPEAdapterError("The same checkpoint file is given twice; convert each concept once.")
+    phrase = get_preset(preset).neutral if neutral is None else neutral
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise CPEAdapterError(f"The neutral phrase must be non-empty, got {phrase!r}.")
+    selfish = [n for n in names if n.strip().casefold() == phrase.strip().casefold()]
+    if selfish:
+        raise CPEAdapterError(f"{selfish} would be recorded as mapped toward itself; pass another --neutral.")
     denoiser = denoiser_of(pipe_or_unet)
     layers = find_target_layers(denoiser)
     for file in files:
@@ -298,6 +308,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         help="concept name of each FILE, in order (repeat; default: file names)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write the adapter to")
+    parser.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
     parser.add_argument("--preset", default="names", help="names | styles | explicit (default: names)")
     parser.add_argument("--neutral", default=None, help="neutral phrase (default: the preset's)")
     parser.add_argument("--name", default=None, help="default adapter name")
@@ -307,6 +318,14 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def run_convert(args: argparse.Namespace) -> int:
     """Run a parsed ``convert`` command; raises :class:`CPEAdapterError` on bad input."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CPEAdapterError(f"--out {out} is an existing file; the adapter needs a folder.")
+    if not args.overwrite and ((out / CONFIG_NAME).exists() or (out / "checkpoints").is_dir()):
+        raise CPEAdapterError(
+            f"--out {out} already holds an adapter or the checkpoints of a training run; pass --overwrite to "
+            "replace it, or another --out."
+        )
     unet = load_unet_skeleton(args.base)
     adapter = convert_reference_checkpoints(
         args.files,
@@ -317,7 +336,9 @@ def run_convert(args: argparse.Namespace) -> int:
         name=args.name,
         base_model=args.base,
     )
-    folder = adapter.save_pretrained(args.out)
+    if (out / "checkpoints").is_dir():  # --overwrite: the old adapter's training checkpoints go with it
+        shutil.rmtree(out / "checkpoints")
+    folder = adapter.save_pretrained(out)
     summary = {
         "out": str(folder),
         "concepts": adapter.config.concept_names,

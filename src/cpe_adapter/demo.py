@@ -36,7 +36,7 @@ def run_demo(
     from .training import train_cpe
 
     out = Path(out_dir)
-    steps = steps or DEMO_STEPS
+    steps = DEMO_STEPS if steps is None else steps
     started = time.perf_counter()
     notes: list[str] = []
     try:
@@ -107,4 +107,12 @@ def run_demo(
         f"report: {out / 'report'}/report.md; done in {seconds:.1f} s",
         *notes,
     ]
-    return {"single": single, "stacked": stacked, "seconds": round(seconds, 2), "text": "\n".join(lines)}
+    return {
+        "kind": kind,
+        "out": str(out),
+        "notes": notes,
+        "single": single,
+        "stacked": stacked,
+        "seconds": round(seconds, 2),
+        "text": "\n".join(lines),
+    }

@@ -199,12 +199,12 @@ def _text_width(base: str) -> int | None:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_folder
+    from .hub import push_adapter
 
     if not Path(args.directory).is_dir():
         raise UsageError(f"{args.directory} is not a folder; push takes a saved adapter folder.")
     _check_repo_id(args.repo, "REPO")
-    url = push_folder(args.directory, args.repo, private=args.private, token=args.token, commit_message=args.message)
+    url = push_adapter(args.directory, args.repo, private=args.private, token=args.token, commit_message=args.message)
     _emit(args, {"repo": args.repo, "commit_url": url}, f"Pushed {args.directory} to {args.repo}: {url}")
     return 0
 

@@ -316,7 +316,7 @@ def save_adapter_folder(
 
 
 def push_adapter(
-    adapter: CPEAdapter,
+    source: CPEAdapter | str | os.PathLike,
     repo_id: str,
     *,
     private: bool | None = None,
@@ -324,51 +324,40 @@ def push_adapter(
     commit_message: str | None = None,
     revision: str | None = None,
 ) -> str:
-    """Upload the adapter folder to ``repo_id`` (created if needed); returns the commit URL.
+    """Upload an adapter to ``repo_id`` (created if needed); returns the commit URL.
 
-    A card already in the repo keeps everything outside its generated part. The folder is written
-    and checked before the repo is created, so a refused adapter leaves nothing on the Hub.
+    ``source`` is a :class:`CPEAdapter` (saved to a temporary folder, so a refused adapter leaves
+    nothing on the Hub; the repo's card keeps everything outside its generated part) or a saved
+    folder, uploaded as it is with its own card. A folder must load, and its weights must match
+    the hash its config records: one whose weights changed after saving is refused rather than
+    given a fresh hash on the Hub.
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        save_adapter_folder(adapter, tmp, model_card=False)
-        return _upload(Path(tmp), repo_id, adapter.config, private, token, commit_message, revision)
-
-
-def push_folder(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    token: str | bool | None = None,
-    commit_message: str | None = None,
-    revision: str | None = None,
-) -> str:
-    """Upload a saved adapter folder as it is (its own card included); returns the commit URL.
-
-    The folder must load, and its weights must match the hash its config records: a folder whose
-    weights changed after saving is refused rather than given a fresh hash on the Hub.
-    """
+    hub = {"private": private, "token": token, "commit_message": commit_message, "revision": revision}
+    if isinstance(source, CPEAdapter):
+        with tempfile.TemporaryDirectory() as tmp:
+            save_adapter_folder(source, tmp, model_card=False)
+            return _upload(Path(tmp), repo_id, source.config, **hub)
     from .provenance import verify_adapter
 
-    folder = Path(folder)
+    folder = Path(source)
     adapter = load_adapter(folder)
     recorded = adapter.config.weights_sha256
     if recorded is not None and recorded != adapter.digest():
         raise AdapterFileError(
             f"{folder}: {verify_adapter(adapter)[0]} Re-save it with save_pretrained if the change is yours."
         )
-    return _upload(folder, repo_id, adapter.config, private, token, commit_message, revision, folder_card=True)
+    return _upload(folder, repo_id, adapter.config, **hub, folder_card=True)
 
 
 def _upload(
     folder: Path,
     repo_id: str,
     config: CPEConfig,
+    *,
     private: bool | None,
     token: str | bool | None,
     commit_message: str | None,
     revision: str | None,
-    *,
     folder_card: bool = False,
 ) -> str:
     """Create the repo (and branch), then commit ``folder``'s adapter files and a card in one commit.

@@ -273,14 +273,13 @@ def save_adapter_folder(
     *,
     model_card: bool = True,
     repo_id: str | None = None,
-    existing_card: str | None = None,
 ) -> Path:
     """Write weights (with the config in their header), ``cpe_config.json`` and a model card.
 
-    ``repo_id``: the Hub repo the folder is for, so the card's usage snippet loads from it;
-    ``existing_card``: a card to renew instead of the folder's own ``README.md`` (the Hub's, on a
-    push). Everything is checked before the folder is touched, and the adapter's config takes the
-    new hash only once every file is written.
+    ``repo_id``: the Hub repo the folder is for, so the card's usage snippet loads from it. A
+    ``README.md`` already in the folder keeps what its author wrote outside the generated part.
+    Everything is checked before the folder is touched, and the adapter's config takes the new hash
+    only once every file is written.
     """
     from . import __version__
     from .model_card import model_card as build_model_card
@@ -303,9 +302,8 @@ def save_adapter_folder(
     card = None
     if model_card:  # built first: a card that cannot be written must not leave half a folder
         readme = folder / "README.md"
-        if existing_card is None and readme.is_file():
-            existing_card = readme.read_text(encoding="utf-8", errors="replace")
-        card = str(build_model_card(config, repo_id, existing_card)).encode("utf-8")
+        existing = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else None
+        card = str(build_model_card(config, repo_id, existing)).encode("utf-8")
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(folder / WEIGHTS_NAME, tensors, config)
     config.save_pretrained(folder)

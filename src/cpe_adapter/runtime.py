@@ -287,8 +287,8 @@ class CPERuntime:
         self._thread_selections = 0
         # Per thread: companions (ControlNets) that ran since this denoiser's last forward.
         self._companion_runs = threading.local()
-        # Per thread, during one denoiser forward: the residual computed for autograd, shared by
-        # every layer of that forward (``(embeds, generation, residual)``).
+        # Per thread: ``inside`` a denoiser forward, and the residual computed there for autograd,
+        # shared by every layer of that forward (``value``: its key and the residual).
         self._forward_residual = threading.local()
 
     def __reduce__(self) -> Any:

@@ -418,7 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    base_help = "Hub id or local diffusers folder of the base model (tiny:sd, tiny:sd-semantic for built-ins)"
+    from .testing import KINDS
+
+    tiny = ", ".join(TINY_PREFIX + kind for kind in KINDS)
+    base_help = f"Hub id or local diffusers folder of the base model (built-in tiny pipelines: {tiny})"
     p = command("train", cmd_train, "Train an eraser for one or more concepts.")
     p.add_argument("--base", required=True, help=base_help)
     p.add_argument("--erase", action="append", help="concept to erase (repeatable)")

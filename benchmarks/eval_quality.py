@@ -111,7 +111,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             # a reduced anchor set: the first general words and the most similar pool concepts
             half = args.anchors // 2
             anchors = general_words(preset)[:half] + similar_concepts(pipe, concept, concept_pool(preset), half)
-        for seed, (variant, overrides) in ((s, v) for s in seeds for v in VARIANTS.items()):
+        variants = dict(VARIANTS)
+        if getattr(args, "prompt_searches", 0):
+            searches = {"prompt_searches": args.prompt_searches, "prompt_search_budget": 128}
+            variants[f"discrete searches (prompt_searches={args.prompt_searches}, budget 128)"] = searches
+        for seed, (variant, overrides) in ((s, v) for s in seeds for v in variants.items()):
             adapter = _adapter(pipe, concept, preset, overrides, cache, args.steps, anchors, seed)
             load_cpe_adapter(pipe, adapter, adapter_name="eraser")
             try:
@@ -240,6 +244,12 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="training seeds, comma-separated (each variant per seed)")
     parser.add_argument("--concepts", default="", help="only these concepts, comma-separated (default: all)")
     parser.add_argument(
+        "--prompt-searches",
+        type=int,
+        default=0,
+        help="also train a variant with N discrete searches per adversarial stage (128 candidates each)",
+    )
+    parser.add_argument(
         "--from-json", nargs="+", type=Path, default=None, help="write the tables from earlier runs' quality.json"
     )
     args = parser.parse_args()
@@ -259,6 +269,7 @@ def main() -> None:
         "image_steps": 4,
         "seeds": "0",
         "concepts": "",
+        "prompt_searches": 0,
     }
     command = "python benchmarks/eval_quality.py" + "".join(
         f" --{key.replace('_', '-')} {json.dumps(getattr(args, key)) if key == 'concepts' else getattr(args, key)}"

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import random_adapter
-from cpe_adapter import CPEAdapter
+from cpe_adapter import CPEAdapter, CPEAdapterError
 from cpe_adapter.cli import main
 from cpe_adapter.testing import tiny_pipeline
 
@@ -130,6 +130,15 @@ def test_demo_checks_its_output_and_steps_first(tmp_path: Path, capsys: Any) -> 
     assert "existing file" in capsys.readouterr().err
     assert main(["demo", "--kind", "sd", "--steps", "0", "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()
+    from cpe_adapter.demo import run_demo
+
+    with pytest.raises(CPEAdapterError, match="steps"):
+        run_demo(tmp_path / "d", steps=0, progress=False, kind="sd")  # 0 is no request for the default
+    for command in (["eval", "--base", "tiny:sd", "--adapter", "x"], ["train", "--base", "tiny:sd", "--erase", "x"]):
+        assert main([*command, "--out", str(a_file / "sub")]) == 2
+        assert "cannot hold" in capsys.readouterr().err
+    assert main(["train", "--base", "tiny:sd", "--erase", "x", "--neutral", "", "--out", str(tmp_path / "t")]) == 2
+    assert "neutral" in capsys.readouterr().err
 
 
 def test_generate_writes_a_before_after_grid(saved_adapter: Path, tmp_path: Path, capsys: Any) -> None:

@@ -316,6 +316,17 @@ def test_controlnet_cross_attention_is_erased_like_the_unets(pipe: Any) -> None:
     torch.testing.assert_close(keys["controlnet"], keys["unet"])
 
 
+def test_controlnet_erasers_made_inside_inference_mode_are_normal_tensors(pipe: Any) -> None:
+    pipe.load_cpe_adapter(random_adapter(pipe), "eraser")
+    control_pipe, _ = controlnet_pipeline(pipe)  # a ControlNet the erasure has not reached yet
+    with torch.inference_mode():
+        control_pipe.enable_cpe_adapters()  # erases it, inside inference mode
+    companions = get_runtime(pipe.unet).companions
+    assert companions and all(
+        not p.is_inference() for companion in companions for a in companion.adapters.values() for p in a.parameters()
+    )
+
+
 def test_controlnet_erasure_follows_the_unets_switches_and_unloads(pipe: Any) -> None:
     controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32, 48, 64))
     control_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)

@@ -299,13 +299,15 @@ def test_cli_convert_never_replaces_an_adapter_unasked(tmp_path: Path, capsys: A
     [
         (["--neutral", ""], "neutral phrase must be non-empty"),
         (["--concept", "a person"], "mapped toward itself"),
-        (["SAME"], "twice"),
+        (["SAME"], "same checkpoint file is given twice"),
+        (["OTHER", "--concept", "Van Gogh", "--concept", "van gogh"], "named twice"),
     ],
 )
 def test_cli_convert_refuses_what_training_refuses(tmp_path: Path, capsys: Any, extra: list[str], message: str) -> None:
     raw = reference_tensors(tiny_pipeline("sd"), seed=9)
     file = str(write(raw, tmp_path / "van_gogh.safetensors"))
-    extra = [file if e == "SAME" else e for e in extra]
+    other = str(write(raw, tmp_path / "other.safetensors"))
+    extra = [{"SAME": file, "OTHER": other}.get(e, e) for e in extra]
     argv = ["convert", "--base", "tiny:sd", file, *extra, "--out", str(tmp_path / "a")]
     assert main(argv) == 2
     assert message in capsys.readouterr().err

@@ -274,8 +274,9 @@ def test_bad_input_raises_clear_errors(pipe) -> None:
         evaluate(pipe, ["Van Gogh"], [], attack_budget=0, progress=False)
     report = evaluate(pipe, ["Monet"], [], neutrals={"Monet": "a photo"}, attack=False, **FAST)
     assert report.settings["neutrals"] == {"Monet": "a photo"}
-    with pytest.raises(CPEAdapterError, match="both erased and retained"):
-        evaluate(pipe, ["Van Gogh"], ["Van Gogh"], progress=False)
+    for retained in (["Van Gogh"], ["van gogh"]):
+        with pytest.raises(CPEAdapterError, match="both erased and retained"):
+            evaluate(pipe, ["Van Gogh"], retained, progress=False)
     with pytest.raises(CPEAdapterError, match="Nothing to evaluate"):
         evaluate(pipe, [], [], progress=False)
     with pytest.raises(CPEAdapterError, match="paraphrases"):
@@ -328,6 +329,12 @@ def test_evaluate_runs_under_inference_mode(pipe) -> None:
     reference = evaluate(pipe, ["Van Gogh"], [], **{**FAST, "attack_budget": 8, "embedding_steps": 3})
     assert report.figures["embedding_attack_recovery"] == pytest.approx(reference.figures["embedding_attack_recovery"])
     assert report.figures["embedding_attack_recovery"] > 0
+    from cpe_adapter.attacks import embedding_attack
+
+    with torch.inference_mode():  # embeddings made there are inference tensors
+        probe = KVProbe(pipe)
+        embeds = probe.encode(["a painting by Van Gogh"])
+        assert embedding_attack(probe, "a painting by Van Gogh", embeds=embeds, steps=3).recovery > 0
 
 
 def test_warnings_say_why_an_erasure_does_not_act(pipe) -> None:
@@ -337,6 +344,9 @@ def test_warnings_say_why_an_erasure_does_not_act(pipe) -> None:
         report = evaluate(pipe, ["Van Gogh"], [], attack=False, **FAST)
     assert report.adapters["active"] == ["monet"], "the thread's selection is what was evaluated"
     assert "no active adapter at a nonzero scale erases it" in report.warnings()[0]
+    pipe.set_cpe_adapters(["vg", "monet"], scales=[0.0, 1.0])
+    scaled = evaluate(pipe, ["Van Gogh"], [], attack=False, **FAST).warnings()
+    assert "no active adapter at a nonzero scale erases it" in scaled[0], "an adapter at scale 0 does not act"
     pipe.disable_cpe_adapters()
     assert "disabled" in evaluate(pipe, ["Van Gogh"], [], attack=False, **FAST).warnings()[0]
 
@@ -382,6 +392,16 @@ def test_report_without_images_has_no_image_grid(pipe, tmp_path) -> None:
     (tmp_path / "images_old_concept.png").write_bytes(b"an earlier report's plot")
     paths = evaluate(pipe, ["Van Gogh"], [], attack=False, **FAST).save(tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("images_")], "no plot of another report stays"
+    (tmp_path / "per_concept.png").write_bytes(b"an earlier report's plot")
+    import sys
+
+    saved, sys.modules["matplotlib"] = sys.modules.get("matplotlib"), None  # no plots this time
+    try:
+        with pytest.raises(ImportError):
+            evaluate(pipe, ["Van Gogh"], [], attack=False, **FAST).save(tmp_path)
+    finally:
+        sys.modules["matplotlib"] = saved
+    assert not (tmp_path / "per_concept.png").exists(), "a report without plots leaves no older plot behind"
     assert "image_erase_shift" not in json.loads(paths["json"].read_text())
 
 

@@ -445,6 +445,11 @@ def test_resume_on_another_pipeline_of_the_same_name_is_refused(pipe, tmp_path):
     other = tiny_pipeline("sd", seed=1)  # same kind and name, other weights
     with pytest.raises(CPEAdapterError, match="pipeline"):
         train_cpe(other, "Van Gogh", preset="styles", seed=3, resume_from=tmp_path, **SMALL)
+    retuned = tiny_pipeline("sd")  # the same UNet, a fine-tuned text encoder
+    with torch.no_grad():
+        list(retuned.text_encoder.parameters())[-1].add_(1e-3)
+    with pytest.raises(CPEAdapterError, match="pipeline"):
+        train_cpe(retuned, "Van Gogh", preset="styles", seed=3, resume_from=tmp_path, **SMALL)
 
 
 def test_a_crash_between_the_two_checkpoint_writes_resumes_exactly(pipe, tmp_path, monkeypatch):
@@ -478,6 +483,7 @@ def test_corrupt_checkpoint_contents_are_refused(pipe, tmp_path):
     save_file({**tensors, "up": torch.full_like(tensors["up"], float("nan"))}, tensors_path)
     with pytest.raises(CPEAdapterError, match="non-finite"):
         train_cpe(pipe, "Van Gogh", preset="styles", seed=3, resume_from=tmp_path, **SMALL)
+    save_file(tensors, tensors_path)  # good tensors again: only the stage is wrong now
     state["concepts"]["0"]["next_stage"] = 99
     state_path.write_text(json.dumps(state))
     with pytest.raises(CPEAdapterError, match="corrupt"):
@@ -525,6 +531,16 @@ def test_the_other_erased_concepts_are_never_anchors(pipe):
     )
     assert neighbour in pools.concept_pool("styles")
     assert not any(neighbour in prompt for prompt in together) and len(together) == len(alone)
+
+
+def test_every_concept_of_a_run_is_kept_out_of_the_others_anchors(pipe, monkeypatch):
+    from cpe_adapter import training
+
+    seen = []
+    real = training.build_prompt_set
+    monkeypatch.setattr(training, "build_prompt_set", lambda *a, **k: seen.append(k["erased"]) or real(*a, **k))
+    train_cpe(pipe, ["Van Gogh", "Monet"], preset="styles", **{**FAST, "steps": 20})
+    assert seen == [("Van Gogh", "Monet")] * 2
 
 
 def test_paraphrases_differing_only_in_case_are_not_trained_twice(pipe):

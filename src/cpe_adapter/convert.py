@@ -206,10 +206,10 @@ def convert_reference_checkpoints(
         raise CPEAdapterError(f"Got {len(names)} concept names for {len(files)} files; pass one name per file.")
     if any(not isinstance(n, str) or not n.strip() for n in names):
         raise CPEAdapterError(f"Concept names must be non-empty strings, got {names}.")
-    if len({n.strip().casefold() for n in names}) != len(names):
-        raise CPEAdapterError(f"A concept is named twice in {names}; convert each concept once.")
     if len({f.resolve() for f in files}) != len(files):
         raise CPEAdapterError("The same checkpoint file is given twice; convert each concept once.")
+    if len({n.strip().casefold() for n in names}) != len(names):
+        raise CPEAdapterError(f"A concept is named twice in {names}; convert each concept once.")
     phrase = get_preset(preset).neutral if neutral is None else neutral
     if not isinstance(phrase, str) or not phrase.strip():
         raise CPEAdapterError(f"The neutral phrase must be non-empty, got {phrase!r}.")

@@ -208,6 +208,15 @@ def test_eval_takes_each_concept_once_and_names_unknown_ones(saved_adapter: Path
     argv = ["eval", "--base", "tiny:sd", "--adapter", str(saved_adapter), "--adapter", str(twin), "--no-attack"]
     result = run_json(capsys, *argv, "--out", str(tmp_path / "o"))
     assert [name for name, row in result["per_concept"].items() if row["role"] == "erased"] == ["Van Gogh"]
+    names = tmp_path / "names"
+    random_adapter(tiny_pipeline("sd"), "Tom Hanks", preset="names").save_pretrained(names)
+    mixed = run_json(capsys, *argv[:-1], "--adapter", str(names), "--no-attack", "--out", str(tmp_path / "m"))
+    retained = {name for name, row in mixed["per_concept"].items() if row["role"] == "retained"}
+    from cpe_adapter.pools import concept_pool
+
+    assert retained & set(concept_pool("names")) and retained & set(concept_pool("styles")), (
+        "each erased concept's neighbours come from its own domain"
+    )
     assert main([*argv, "--erase", "Monet", "--out", str(tmp_path / "o2")]) == 2
     assert "--erase ['Monet']: no given --adapter erases it" in capsys.readouterr().err
     assert main([*argv, "--retain", "Van Gogh", "--out", str(tmp_path / "o3")]) == 2

@@ -188,6 +188,14 @@ def test_link_out_of_a_plain_folder_is_still_refused(tmp_path, adapters):
     (folder / WEIGHTS_NAME).symlink_to(outside / WEIGHTS_NAME)
     with pytest.raises(AdapterFileError, match="outside the adapter folder"):
         CPEAdapter.from_pretrained(folder)
+    lookalike = tmp_path / "x" / "snapshots" / "abc"  # a snapshots/ beside a blobs/, but no models--* repo
+    lookalike.mkdir(parents=True)
+    (tmp_path / "x" / "blobs").mkdir()
+    (tmp_path / "x" / "blobs" / "w").write_bytes(files[WEIGHTS_NAME])
+    (lookalike / CONFIG_NAME).write_bytes(files[CONFIG_NAME])
+    (lookalike / WEIGHTS_NAME).symlink_to(tmp_path / "x" / "blobs" / "w")
+    with pytest.raises(AdapterFileError, match="outside the adapter folder"):
+        CPEAdapter.from_pretrained(lookalike)
 
 
 def test_weight_name_is_described_by_its_own_header_beside_another_config(offline_hub_cache, adapters):
@@ -227,6 +235,10 @@ def test_force_download_replaces_a_corrupt_cached_file(fake_hub, adapters):
         CPEAdapter.from_pretrained(repo)
     assert same_weights(CPEAdapter.from_pretrained(repo, force_download=True), adapter)
     assert same_weights(CPEAdapter.from_pretrained(repo), adapter), "the cache now holds a good copy"
+    path.write_bytes(path.read_bytes()[:100])
+    pipe = tiny_pipeline("sd")
+    name = pipe.load_cpe_adapter(repo, force_download=True)  # the pipeline loader passes it on
+    assert same_weights(pipe.get_cpe_adapter(name), adapter)
 
 
 def test_unusable_cache_dir_is_named(fake_hub, adapters, tmp_path):
@@ -273,6 +285,10 @@ def test_push_to_a_bare_name_lands_in_the_user_namespace(fake_hub, adapters):
 def test_push_to_a_new_branch(fake_hub, adapters):
     main, _ = adapters["main"]
     old, _ = adapters["old"]
+    pipe = tiny_pipeline("sd")
+    pipe.load_cpe_adapter(CPEAdapter.from_state_dict(main.file_state_dict(), main.config), adapter_name="vg")
+    pipe.push_cpe_adapter_to_hub("fake-user/from-pipe", revision="v3")  # the pipeline method passes it on
+    assert set(fake_hub.branches("fake-user/from-pipe")) == {"main", "v3"}
     repo = "fake-user/branches"
     CPEAdapter.from_state_dict(old.file_state_dict(), old.config).push_to_hub(repo)
     CPEAdapter.from_state_dict(main.file_state_dict(), main.config).push_to_hub(repo, revision="v2")

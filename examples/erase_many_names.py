@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from cpe_adapter.cli import load_pipeline
 from cpe_adapter.distributed import process_layout, train_many
 from cpe_adapter.pools import concept_pool
@@ -32,6 +34,8 @@ def main() -> None:
     if process_layout()[0] == 0:
         adapter.save_pretrained(args.out)
         print(f"{adapter.num_concepts} names erased by one adapter, saved to {args.out}")
+    if torch.distributed.is_initialized():  # leave no gloo threads for interpreter exit to tear down
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

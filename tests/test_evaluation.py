@@ -433,6 +433,7 @@ _SHARD_SCRIPT = textwrap.dedent(
     rank = torch.distributed.get_rank()
     with open(f"{sys.argv[1]}.{rank}", "w") as handle:
         json.dump(report.to_dict(), handle)
+    torch.distributed.destroy_process_group()
     """
 )
 

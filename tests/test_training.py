@@ -508,6 +508,7 @@ def test_a_diverging_run_stops_with_a_clear_error(pipe):
         ("Van Gogh", {"gate_rank": 1.5}, "gate_rank"),
         ("Van Gogh", {"lr": "1e-3"}, "'lr' must be a finite number"),
         ("Van Gogh", {"warmup_steps": -5}, "warmup_steps"),
+        ("Van Gogh", {"anchor_weight": -1.0}, "'anchor_weight' must be >= 0"),
         ("Van Gogh", {"num_threads": 0}, "num_threads"),
         ("Van Gogh", {"seed": 1.7}, "seed"),
         ("Van Gogh", {"callback": "print"}, "callable"),

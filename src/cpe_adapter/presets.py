@@ -95,10 +95,9 @@ class Preset:
                 raise CPEAdapterError(f"Training option {key!r} must be a finite number, got {value!r}.")
             if key in positive and value <= 0:
                 raise CPEAdapterError(f"Training option {key!r} must be positive, got {value!r}.")
-        if self.adversarial_weight < 0:
-            raise CPEAdapterError(
-                f"Training option 'adversarial_weight' must be >= 0, got {self.adversarial_weight!r}."
-            )
+        for key in ("adversarial_weight", "anchor_weight"):
+            if getattr(self, key) < 0:
+                raise CPEAdapterError(f"Training option {key!r} must be >= 0, got {getattr(self, key)!r}.")
         if self.eta <= -1:
             raise CPEAdapterError(
                 "Training option 'eta' must be above -1 (at -1 the erase target is the concept itself), "

@@ -49,7 +49,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_finite_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """An ``int`` or ``float`` (``bool`` is no number here) that is neither infinite nor NaN."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -91,7 +92,7 @@ class ConceptSpec:
                 text.encode("utf-8")
             except UnicodeEncodeError as err:
                 raise CPEAdapterError(f"Concept text {text!r:.80} is not valid Unicode ({err.reason}).") from err
-        if not _is_finite_number(self.eta):
+        if not is_finite_number(self.eta):
             raise CPEAdapterError(f"eta of concept {self.name!r} must be a finite number, got {self.eta!r:.80}.")
 
 
@@ -187,7 +188,7 @@ class CPEConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 1_000_000:
                 raise CPEAdapterError(f"CPEConfig.{key} must be a positive integer, got {value!r:.40}.")
-        if not _is_finite_number(self.alpha) or not 0 < self.alpha <= MAX_ALPHA:
+        if not is_finite_number(self.alpha) or not 0 < self.alpha <= MAX_ALPHA:
             raise CPEAdapterError(
                 f"CPEConfig.alpha must be a positive number up to {MAX_ALPHA:g} (it scales the residual), "
                 f"got {self.alpha!r:.80}."

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from .adapter import CPEAdapter
-from .config import CONFIG_NAME, WEIGHTS_NAME, CPEConfig
+from .config import CONFIG_NAME, WEIGHTS_NAME, CPEConfig, is_finite_number
 from .controlnets import remember_pipeline, sync_companions
 from .errors import CPEAdapterError
 from .hub import load_adapter, push_adapter
@@ -142,7 +141,7 @@ def load_cpe_adapter(
 
 
 def _check_scale(scale: Any) -> None:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not is_finite_number(scale):
         raise CPEAdapterError(
             f"Adapter scales must be finite numbers (0 takes an adapter out, 1 is as trained), got {scale!r}."
         )

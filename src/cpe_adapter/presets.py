@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from .config import is_finite_number
 from .errors import CPEAdapterError
 
 
@@ -91,7 +91,7 @@ class Preset:
         positive = ("lr", "first_stage_lr", "attack_lr", "alpha")
         for key in (*positive, "eta", "adversarial_weight", "anchor_weight"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not is_finite_number(value):
                 raise CPEAdapterError(f"Training option {key!r} must be a finite number, got {value!r}.")
             if key in positive and value <= 0:
                 raise CPEAdapterError(f"Training option {key!r} must be positive, got {value!r}.")

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .adapter import CPEAdapter, base_model_info
-from .config import ConceptSpec, CPEConfig, TargetLayer
+from .config import ConceptSpec, CPEConfig, TargetLayer, is_finite_number
 from .errors import CPEAdapterError
 from .lipschitz import layer_weights
 from .presets import Preset, get_preset
@@ -413,7 +413,7 @@ def concept_specs(pipe: Any, concepts: Any, plan: TrainingPlan) -> list[ConceptS
     for concept in concepts:
         if isinstance(concept, ConceptSpec):
             eta = concept.eta
-            if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta <= -1:
+            if not is_finite_number(eta) or eta <= -1:
                 raise CPEAdapterError(
                     f"ConceptSpec {concept.name!r}: eta must be a finite number above -1, got {eta!r}."
                 )

@@ -8,7 +8,7 @@ embedding itself, fixed over the denoising loop, so the text-only training of do
 with one "layer" of weight ``c = 1``:
 
 - training: the package's own machinery (``training.ConceptRun`` through ``train_one``, ``assemble``)
-  on a :class:`~cpe_adapter.training.ProjectionStack` built by hand for that single Linear;
+  on a :class:`~cpe_adapter.losses.ProjectionStack` built by hand for that single Linear;
 - residual: the package's routing (``CPERuntime.residual``) with this one adapter;
 - figures at the context-embedder output, with ``evaluation.erase_scores`` / ``retain_drifts``
   (column weights all 1): erase score of the target (and a paraphrase), drift of 5 neighbouring
@@ -38,18 +38,12 @@ from diffusers import SD3Transformer2DModel
 
 from cpe_adapter.config import TargetLayer
 from cpe_adapter.evaluation import erase_scores, retain_drifts
+from cpe_adapter.losses import ProjectionStack, _Group
 from cpe_adapter.runtime import CPERuntime
 from cpe_adapter.testing import tiny_pipeline
-from cpe_adapter.training import (
-    ProjectionStack,
-    TrainingContext,
-    _Group,
-    assemble,
-    concept_specs,
-    resolve_plan,
-    train_one,
-)
+from cpe_adapter.training import TrainingContext, assemble, train_one
 from cpe_adapter.training_data import encode_prompts
+from cpe_adapter.training_plan import concept_specs, resolve_plan
 
 TARGET = "Van Gogh"
 PARAPHRASES = ["Vincent van Gogh"]

@@ -6,8 +6,9 @@ so ``Ē = E``, ``g_t = sigmoid(E_t · v)`` and the residual is ``(g ⊙ E) D U``
 The library has no such option, so this script monkeypatches the two functions every path goes
 through, at module level, for the whole run (restored at the end):
 
-- training: ``cpe_adapter.training.codes_from_projection`` (called by the erase losses, the attack
-  phase, the attack objective of the prompt searches, ``evaluate`` and ``gate_codes``) returns
+- training: ``codes_from_projection`` of :mod:`cpe_adapter.losses` and the same name imported by
+  :mod:`cpe_adapter.training` (called by the erase losses, the attack phase, the attack objective
+  of the prompt searches, ``evaluate`` and ``gate_codes``) returns
   ``scale * g ⊙ (E D)`` with ``g = sigmoid(E v)`` (identity mixing: ``mixed = rest``);
 - inference: ``cpe_adapter.routing.best_concepts`` (the name :func:`cpe_adapter.routing.route_row`
   looks up) returns ``gate = max_c sigmoid(E v_c)`` per token, ``index = argmax`` (first on ties)
@@ -45,6 +46,7 @@ from typing import Any
 import gate_calibration as calib
 import torch
 
+import cpe_adapter.losses as cpe_losses
 import cpe_adapter.routing as cpe_routing
 import cpe_adapter.training as cpe_training
 from cpe_adapter import CPEAdapter
@@ -68,7 +70,7 @@ _OPEN: dict[str, bool] = {"every_gate": False}  # the ceiling: every per-token g
 def per_token_codes(
     proj: torch.Tensor, rank: int, tied: bool, scale: float, width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`cpe_adapter.training.codes_from_projection` with ``S = I``: ``h = scale * g ⊙ (E D)``.
+    """:func:`cpe_adapter.losses.codes_from_projection` with ``S = I``: ``h = scale * g ⊙ (E D)``.
 
     ``g = sigmoid(E v)``; ``proj = E [A | B | v | D | 0]`` (``B`` left out when tied); ``A``, ``B`` are not read.
     """
@@ -95,16 +97,21 @@ def per_token_best_concepts(
     return gate, index, embeds.clone()
 
 
+def patched() -> tuple[Any, Any, Any]:
+    """The three names the patch replaces, as they are now."""
+    return cpe_losses.codes_from_projection, cpe_training.codes_from_projection, cpe_routing.best_concepts
+
+
 @contextlib.contextmanager
 def per_token_gate() -> Iterator[None]:
     """Both patches installed where the library looks the names up; the originals put back after."""
-    saved = cpe_training.codes_from_projection, cpe_routing.best_concepts
-    cpe_training.codes_from_projection = per_token_codes
+    saved = patched()
+    cpe_losses.codes_from_projection = cpe_training.codes_from_projection = per_token_codes
     cpe_routing.best_concepts = per_token_best_concepts
     try:
         yield
     finally:
-        cpe_training.codes_from_projection, cpe_routing.best_concepts = saved
+        cpe_losses.codes_from_projection, cpe_training.codes_from_projection, cpe_routing.best_concepts = saved
         _OPEN["every_gate"] = False
 
 
@@ -146,7 +153,7 @@ def check_training_matches_inference(pipe: Any, adapter: CPEAdapter, prompts: li
     embeds = calib.encode(pipe, prompts)
     key = None if adapter.config.tie_gate_qk else adapter.gate_b[0]
     with torch.no_grad(), counted("training", "training-side residual"):
-        codes, _ = cpe_training.gate_codes(
+        codes, _ = cpe_losses.gate_codes(
             embeds, adapter.gate_a[0], key, adapter.gate_v[0], adapter.down[0], adapter.residual_scale
         )
     layers = len(adapter.config.target_layers)
@@ -310,12 +317,12 @@ def main() -> None:
     torch.set_num_threads(1)
     pipe = tiny_pipeline("sd-semantic")
     rows, checks = [], {}
-    originals = cpe_training.codes_from_projection, cpe_routing.best_concepts
+    originals = patched()
     with per_token_gate():
         for concept in args.concepts:
             found, checks[concept] = run_case(pipe, concept, args)
             rows += found
-    if (cpe_training.codes_from_projection, cpe_routing.best_concepts) != originals:
+    if patched() != originals:
         raise RuntimeError("the patches were not restored")
     checks["patched_calls"] = dict(CALLS)
     base = baseline_rows(Path(args.baseline), args.concepts)

@@ -33,10 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from cpe_adapter.config import ConceptSpec
+from cpe_adapter.losses import build_stack
 from cpe_adapter.presets import get_preset
 from cpe_adapter.runtime import cross_attention_modules, find_target_layers
-from cpe_adapter.training import ConceptRun, build_stack, resolve_plan
+from cpe_adapter.training import ConceptRun
 from cpe_adapter.training_data import build_prompt_set
+from cpe_adapter.training_plan import resolve_plan
 
 
 def build(name: str) -> Any:

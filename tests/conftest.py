@@ -19,14 +19,16 @@ import torch
 
 import cpe_adapter
 from cpe_adapter import CPEAdapter
-from cpe_adapter.runtime import find_target_layers, get_runtime
+from cpe_adapter.runtime import cross_attention_modules, find_target_layers, get_runtime
 from cpe_adapter.testing import tiny_pipeline
 from fake_hub import fake_hub, offline_hub_cache, populate_hub_cache
 
 __all__ = [
+    "FAST_TRAINING",
     "PROMPT",
     "fake_hub",
     "generate",
+    "kv_projections",
     "offline_hub_cache",
     "populate_hub_cache",
     "random_adapter",
@@ -38,6 +40,16 @@ __all__ = [
 PROMPT = "a painting by Van Gogh"
 OTHER_PROMPT = "a photo of a red car in the city"
 STEPS = 2
+# Training settings that learn in seconds on the tiny pipelines (few templates and anchors, high rates).
+FAST_TRAINING = {
+    "templates": ["{}", "a photo of {}", "a painting by {}", "{} walking in the park", "art by {}", "a portrait of {}"],
+    "anchors": ["a dog", "a red car", "a house", "a tree", "Picasso", "Monet", "Van Gogh"],
+    "anchor_weight": 10.0,
+    "first_stage_lr": 1e-2,
+    "lr": 1e-3,
+    "stages": 4,
+    "progress": False,
+}
 
 
 def generate(pipe: Any, prompt: str | list[str] = PROMPT, seed: int = 0, **kwargs: Any) -> np.ndarray:
@@ -122,3 +134,12 @@ def reference_images() -> Callable[..., np.ndarray]:
 def sd_layers() -> list:
     """The target layers (``attn2.to_k`` / ``to_v``) of the tiny SD UNet."""
     return find_target_layers(tiny_pipeline("sd").unet)
+
+
+def kv_projections(pipe: Any, embeds: torch.Tensor) -> torch.Tensor:
+    """``[n, T, sum(d_out)]``: what the UNet's (possibly wrapped) to_k/to_v layers output for ``embeds``."""
+    outs = []
+    with torch.no_grad():
+        for _, attn in cross_attention_modules(pipe.unet):
+            outs += [attn.to_k(embeds), attn.to_v(embeds)]
+    return torch.cat(outs, dim=-1)

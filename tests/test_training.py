@@ -1,4 +1,6 @@
-"""Training erasers (`cpe_adapter.training`): losses, learning, adversary, determinism, resume, routing, errors.
+"""Training erasers (`cpe_adapter.training`): learning, adversary, determinism, routing, errors.
+
+The loss math has its own tests (test_losses.py), and so do stage checkpoints (test_checkpoints.py).
 
 Everything runs on the tiny random-weight SD pipeline with few templates/anchors and small `steps`;
 learning rates and the anchor weight are raised so that a few hundred steps show clear effects.
@@ -13,36 +15,21 @@ import pytest
 import torch
 
 import cpe_adapter
+from conftest import FAST_TRAINING, kv_projections
 from cpe_adapter import CPEAdapter, CPEAdapterError
 from cpe_adapter.config import ConceptSpec
 from cpe_adapter.gate import gate_values
+from cpe_adapter.losses import build_stack
 from cpe_adapter.presets import get_preset
-from cpe_adapter.runtime import cross_attention_modules, find_target_layers
+from cpe_adapter.runtime import find_target_layers
 from cpe_adapter.testing import tiny_pipeline
-from cpe_adapter.training import (
-    base_energy,
-    build_stack,
-    concept_seed,
-    coupling,
-    cross_term,
-    gate_codes,
-    residual_energy,
-    stage_schedule,
-    train_cpe,
-)
+from cpe_adapter.training import train_cpe
 from cpe_adapter.training_data import anchor_prompts, encode_prompts, fill_rotating
+from cpe_adapter.training_plan import concept_seed, stage_schedule
 
-TEMPLATES = ["{}", "a photo of {}", "a painting by {}", "{} walking in the park", "art by {}", "a portrait of {}"]
-ANCHORS = ["a dog", "a red car", "a house", "a tree", "Picasso", "Monet", "Van Gogh"]
-FAST = {
-    "templates": TEMPLATES,
-    "anchors": ANCHORS,
-    "anchor_weight": 10.0,
-    "first_stage_lr": 1e-2,
-    "lr": 1e-3,
-    "stages": 4,
-    "progress": False,
-}
+TEMPLATES = FAST_TRAINING["templates"]
+ANCHORS = FAST_TRAINING["anchors"]
+FAST = FAST_TRAINING
 
 
 @pytest.fixture(scope="module")
@@ -60,71 +47,15 @@ def trained(pipe):
     return adapter, calls
 
 
-def _weights(adapter: CPEAdapter) -> dict[str, torch.Tensor]:
-    return adapter.file_state_dict()
-
-
-def _projections(pipe, embeds: torch.Tensor) -> torch.Tensor:
-    """``[n, T, sum(d_out)]``: what the UNet's (possibly wrapped) to_k/to_v layers output for ``embeds``."""
-    outs = []
-    with torch.no_grad():
-        for _, attn in cross_attention_modules(pipe.unet):
-            outs += [attn.to_k(embeds), attn.to_v(embeds)]
-    return torch.cat(outs, dim=-1)
-
-
 def _weighted_norm(x: torch.Tensor, column_weight: torch.Tensor) -> torch.Tensor:
     return (x.pow(2) * column_weight).sum().sqrt()
 
 
+def _weights(adapter: CPEAdapter) -> dict[str, torch.Tensor]:
+    return adapter.file_state_dict()
+
+
 # ----------------------------------------------------------------------------- loss math
-def test_low_rank_losses_equal_explicit_projections(pipe):
-    """``u G u + 2<h, uM> + hQh`` equals the layer-weighted error of the real projections plus residual."""
-    layers = find_target_layers(pipe.unet)
-    stack = build_stack(pipe.unet, layers, 77, "cpu")
-    gen = torch.Generator().manual_seed(1)
-    d, m, r = 32, 4, 2
-    config = CPEAdapter.for_layers(layers, "x", "explicit", gate_rank=m, residual_rank=r, alpha=1.0).config
-    adapter = CPEAdapter(config, init=False)
-    with torch.no_grad():
-        for param in adapter.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    e_t, e_n, delta = (torch.randn(2, 77, d, generator=gen) for _ in range(3))
-    eta = 0.5
-    base = _projections(pipe, torch.cat([e_t, e_n, e_t + delta]))
-    p_t, p_n, p_adv = base[:2], base[2:4], base[4:]
-    residual = adapter.residuals(torch.cat([e_t, e_t + delta]))[0].detach()
-    goal = (1 + eta) * p_n - eta * p_t
-    explicit_erase = ((p_t + residual[:2] - goal).pow(2) * stack.column_weight).sum(-1).mean(-1)
-    explicit_adv = ((p_adv + residual[2:] - goal).pow(2) * stack.column_weight).sum(-1).mean(-1)
-    explicit_attack = ((p_adv + residual[2:] - p_t).pow(2) * stack.column_weight).sum(-1).mean(-1)
-
-    params = {k: getattr(adapter, k)[0].detach() for k in ("gate_a", "gate_b", "gate_v", "down", "up")}
-    codes, _ = gate_codes(
-        torch.cat([e_t, e_t + delta]), *[params[k] for k in ("gate_a", "gate_b", "gate_v", "down")], 0.5
-    )
-    mm, q = coupling(stack, params["up"])
-    u_erase = (1 + eta) * (e_t - e_n)
-    erase = base_energy(u_erase, stack.gram) + cross_term(codes[:2], u_erase, mm) + residual_energy(codes[:2], q)
-    adv = base_energy(u_erase + delta, stack.gram) + cross_term(codes[2:], u_erase + delta, mm)
-    adv = adv + residual_energy(codes[2:], q)
-    attack = base_energy(delta, stack.gram) + cross_term(codes[2:], delta, mm) + residual_energy(codes[2:], q)
-    torch.testing.assert_close(erase, explicit_erase, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(adv, explicit_adv, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(attack, explicit_attack, rtol=1e-4, atol=1e-6)
-    # Anchoring: P'(x) - P(x) is the residual alone.
-    explicit_anchor = (residual.pow(2) * stack.column_weight).sum(-1).mean(-1)
-    torch.testing.assert_close(residual_energy(codes, q), explicit_anchor, rtol=1e-4, atol=1e-8)
-
-
-def test_quadratic_form_gradient_matches_autograd(pipe):
-    stack = build_stack(pipe.unet, find_target_layers(pipe.unet), 77, "cpu")
-    x = torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(2), requires_grad=True)
-    base_energy(x, stack.gram).sum().backward()
-    expected = torch.autograd.grad(((x @ stack.weight.T).pow(2) * stack.column_weight).sum() / 77, x)[0]
-    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-7)
-
-
 def test_encoding_equals_what_generation_uses():
     sdxl = tiny_pipeline("sdxl")
     prompts = ["a photo of a cat", "", "a painting by Monet"]
@@ -195,10 +126,14 @@ def test_training_moves_the_target_and_keeps_other_concepts(pipe, trained):
     targets = encode_prompts(pipe, [t.format("Van Gogh") for t in TEMPLATES])
     neutrals = encode_prompts(pipe, [t.format("real photograph") for t in TEMPLATES])
     others = encode_prompts(pipe, [t.format(c) for c in ("a dog", "a house", "Picasso") for t in TEMPLATES])
-    before_t, before_n, before_o = _projections(pipe, targets), _projections(pipe, neutrals), _projections(pipe, others)
+    before_t, before_n, before_o = (
+        kv_projections(pipe, targets),
+        kv_projections(pipe, neutrals),
+        kv_projections(pipe, others),
+    )
     name = pipe.load_cpe_adapter(adapter)
     try:
-        after_t, after_o = _projections(pipe, targets), _projections(pipe, others)
+        after_t, after_o = kv_projections(pipe, targets), kv_projections(pipe, others)
     finally:
         pipe.unload_cpe_adapter(name)
     goal = 1.5 * before_n - 0.5 * before_t
@@ -274,59 +209,6 @@ def test_training_leaves_the_global_rng_alone(pipe):
     assert torch.equal(state, torch.get_rng_state())
 
 
-class _Stop(Exception):
-    pass
-
-
-@pytest.mark.parametrize("searches", [{}, {"prompt_searches": 1, "prompt_search_budget": 16}])
-def test_resume_from_a_stage_checkpoint_equals_an_uninterrupted_run(pipe, tmp_path, searches):
-    """Also with discrete adversaries, whose found prompts are part of the checkpointed state."""
-    SMALL = {**globals()["SMALL"], **searches}
-    concepts = ["Van Gogh", "Monet"]
-    uninterrupted = _weights(train_cpe(pipe, concepts, preset="styles", seed=3, **SMALL))
-
-    def stop_after_second_concepts_first_stage(stage, step, logs):
-        if logs["phase"] == "stage_end" and logs["concept_index"] == 1 and stage == 0:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        train_cpe(
-            pipe,
-            concepts,
-            preset="styles",
-            seed=3,
-            checkpoint_dir=tmp_path,
-            callback=stop_after_second_concepts_first_stage,
-            **SMALL,
-        )
-    state = json.loads((tmp_path / "trainer_state.json").read_text())
-    assert state["concepts"]["0"]["done"] is True
-    assert state["concepts"]["1"] == {**state["concepts"]["1"], "next_stage": 1, "done": False}
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        state["concepts"]["0"]["file"],
-        "concept_0001_stage_001.safetensors",
-        "trainer_state.json",
-    ], "one tensor file per concept: the previous stage's is removed once the JSON names the new one"
-    ran: set[tuple[int, int]] = set()
-
-    def record(stage, step, logs):
-        ran.add((logs["concept_index"], stage))
-
-    resumed = train_cpe(pipe, concepts, preset="styles", seed=3, resume_from=tmp_path, callback=record, **SMALL)
-    assert ran == {(1, 1), (1, 2)}, "only the second concept's remaining stages run again"
-    weights = _weights(resumed)
-    assert all(torch.equal(uninterrupted[k], weights[k]) for k in uninterrupted)
-    assert len(resumed.config.training["history"]["Monet"]) == 3
-    with pytest.raises(CPEAdapterError, match="another training run"):
-        train_cpe(pipe, concepts, preset="styles", seed=4, resume_from=tmp_path, **SMALL)
-    # A finished run resumes to the same adapter at once; a lost tensor file is reported clearly.
-    again = _weights(train_cpe(pipe, concepts, preset="styles", seed=3, resume_from=tmp_path, **SMALL))
-    assert all(torch.equal(again[k], weights[k]) for k in weights)
-    (tmp_path / json.loads((tmp_path / "trainer_state.json").read_text())["concepts"]["1"]["file"]).unlink()
-    with pytest.raises(CPEAdapterError, match="incomplete"):
-        train_cpe(pipe, concepts, preset="styles", seed=3, resume_from=tmp_path, **SMALL)
-
-
 def test_prompt_searches_find_real_prompts_and_the_next_stages_erase_them(pipe):
     options = {**FAST, "steps": 240}
     searches = {"prompt_searches": 2, "prompt_search_budget": 32}
@@ -343,14 +225,14 @@ def test_prompt_searches_find_real_prompts_and_the_next_stages_erase_them(pipe):
     eta = get_preset("styles").eta
     neutrals = [TEMPLATES[f["template"]].replace("{}", "real photograph") for f in found]
     goal = (1 + eta) * encode_prompts(pipe, neutrals, cache=False) - eta * encode_prompts(pipe, starts, cache=False)
-    targets = _projections(pipe, goal)
+    targets = kv_projections(pipe, goal)
     prompts = encode_prompts(pipe, [f["prompt"] for f in found], cache=False)
     stack = build_stack(pipe.unet, find_target_layers(pipe.unet), prompts.shape[1], "cpu")
     errors = {}
     for label, adapter in (("searched", searched), ("plain", plain)):
         name = pipe.load_cpe_adapter(adapter)
         try:
-            erased = _projections(pipe, prompts)
+            erased = kv_projections(pipe, prompts)
         finally:
             pipe.unload_cpe_adapter(name)
         errors[label] = float(_weighted_norm(erased - targets, stack.column_weight))
@@ -376,10 +258,10 @@ def test_several_concepts_stack_and_route_per_token():
     real = torch.tensor(real, dtype=torch.bool)
     assert (winner[0][real[0]] == 0).float().mean() > 0.8, gates[:, 0]
     assert (winner[1][real[1]] == 1).float().mean() > 0.8, gates[:, 1]
-    before = _projections(pipe, embeds)
+    before = kv_projections(pipe, embeds)
     name = pipe.load_cpe_adapter(adapter)
     try:
-        routed = _projections(pipe, embeds)
+        routed = kv_projections(pipe, embeds)
     finally:
         pipe.unload_cpe_adapter(name)
     # ... and the pipeline applies, token by token, only the winning concept's residual.
@@ -420,7 +302,8 @@ def test_errors_are_value_errors():
 def test_projection_stack_is_the_same_at_any_thread_count():
     """The stack (Gram matrix, eigenvectors, c_l) is built on a fixed thread count, so a seed gives
     the same adapter in a process with one thread as in one with several (as under launchers)."""
-    from cpe_adapter.training import make_context, resolve_plan
+    from cpe_adapter.training import make_context
+    from cpe_adapter.training_plan import resolve_plan
 
     semantic = pytest.importorskip("cpe_adapter.testing").tiny_pipeline("sd-semantic")
     plan, _ = resolve_plan("styles", 40, None, {})
@@ -436,58 +319,6 @@ def test_projection_stack_is_the_same_at_any_thread_count():
     for name in ("gram", "eigenvalues", "eigenvectors", "layer_weight"):
         assert torch.equal(getattr(first, name), getattr(second, name)), name
     assert contexts[0].fingerprint == contexts[1].fingerprint
-
-
-def test_resume_on_another_pipeline_of_the_same_name_is_refused(pipe, tmp_path):
-    train_cpe(pipe, "Van Gogh", preset="styles", seed=3, checkpoint_dir=tmp_path, **SMALL)
-    with pytest.raises(CPEAdapterError, match="already holds the checkpoint"):
-        train_cpe(pipe, "Van Gogh", preset="styles", seed=3, checkpoint_dir=tmp_path, **SMALL)
-    other = tiny_pipeline("sd", seed=1)  # same kind and name, other weights
-    with pytest.raises(CPEAdapterError, match="pipeline"):
-        train_cpe(other, "Van Gogh", preset="styles", seed=3, resume_from=tmp_path, **SMALL)
-    retuned = tiny_pipeline("sd")  # the same UNet, a fine-tuned text encoder
-    with torch.no_grad():
-        list(retuned.text_encoder.parameters())[-1].add_(1e-3)
-    with pytest.raises(CPEAdapterError, match="pipeline"):
-        train_cpe(retuned, "Van Gogh", preset="styles", seed=3, resume_from=tmp_path, **SMALL)
-
-
-def test_a_crash_between_the_two_checkpoint_writes_resumes_exactly(pipe, tmp_path, monkeypatch):
-    from cpe_adapter import serialization
-
-    uninterrupted = _weights(train_cpe(pipe, "Van Gogh", preset="styles", seed=3, **SMALL))
-    write = serialization.atomic_write_bytes
-    states = itertools.count()
-
-    def dies_at_the_second_state(path, data):
-        if path.name == "trainer_state.json" and next(states) == 1:
-            raise KeyboardInterrupt  # the stage-2 tensors are on disk, the JSON still says stage 1
-        write(path, data)
-
-    monkeypatch.setattr(serialization, "atomic_write_bytes", dies_at_the_second_state)
-    with pytest.raises(KeyboardInterrupt):
-        train_cpe(pipe, "Van Gogh", preset="styles", seed=3, checkpoint_dir=tmp_path, **SMALL)
-    monkeypatch.undo()
-    resumed = _weights(train_cpe(pipe, "Van Gogh", preset="styles", seed=3, resume_from=tmp_path, **SMALL))
-    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
-
-
-def test_corrupt_checkpoint_contents_are_refused(pipe, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    train_cpe(pipe, "Van Gogh", preset="styles", seed=3, checkpoint_dir=tmp_path, **SMALL)
-    state_path = tmp_path / "trainer_state.json"
-    state = json.loads(state_path.read_text())
-    tensors_path = tmp_path / state["concepts"]["0"]["file"]
-    tensors = load_file(tensors_path)
-    save_file({**tensors, "up": torch.full_like(tensors["up"], float("nan"))}, tensors_path)
-    with pytest.raises(CPEAdapterError, match="non-finite"):
-        train_cpe(pipe, "Van Gogh", preset="styles", seed=3, resume_from=tmp_path, **SMALL)
-    save_file(tensors, tensors_path)  # good tensors again: only the stage is wrong now
-    state["concepts"]["0"]["next_stage"] = 99
-    state_path.write_text(json.dumps(state))
-    with pytest.raises(CPEAdapterError, match=r"is corrupt \(concept 0"):
-        train_cpe(pipe, "Van Gogh", preset="styles", seed=3, resume_from=tmp_path, **SMALL)
 
 
 # ------------------------------------------------------------------------------ bad settings
@@ -577,28 +408,3 @@ def test_numbers_from_numpy_and_a_zero_anchor_weight_are_accepted(pipe):
     training = adapter.config.training
     assert (training["residual_rank"], training["anchor_weight"], training["seed"]) == (2, 0.0, 2)
     assert type(training["residual_rank"]) is int and type(training["eta"]) is float
-
-
-def test_a_checkpoint_of_another_format_version_says_so(pipe, tmp_path):
-    train_cpe(pipe, "Van Gogh", preset="styles", seed=3, checkpoint_dir=tmp_path, **SMALL)
-    state_path = tmp_path / "trainer_state.json"
-    state = json.loads(state_path.read_text())
-    state["version"] = 1
-    state_path.write_text(json.dumps(state))
-    with pytest.raises(CPEAdapterError, match="another version of cpe-adapter"):
-        train_cpe(pipe, "Van Gogh", preset="styles", seed=3, resume_from=tmp_path, **SMALL)
-
-
-def test_resuming_into_a_folder_holding_another_run_is_refused(pipe, tmp_path):
-    first, other = tmp_path / "first", tmp_path / "other"
-    train_cpe(pipe, "Van Gogh", preset="styles", seed=3, checkpoint_dir=first, **SMALL)
-    train_cpe(pipe, "Monet", preset="styles", seed=3, checkpoint_dir=other, **SMALL)
-    before = (other / "trainer_state.json").read_bytes()
-    with pytest.raises(CPEAdapterError, match="another run"):
-        train_cpe(pipe, "Van Gogh", preset="styles", seed=3, resume_from=first, checkpoint_dir=other, **SMALL)
-    assert (other / "trainer_state.json").read_bytes() == before
-    copy = tmp_path / "copy"
-    resumed = train_cpe(pipe, "Van Gogh", preset="styles", seed=3, resume_from=first, checkpoint_dir=copy, **SMALL)
-    state = json.loads((copy / "trainer_state.json").read_text())
-    assert (copy / state["concepts"]["0"]["file"]).is_file()
-    assert resumed.config.concept_names == ["Van Gogh"]

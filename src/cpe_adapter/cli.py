@@ -584,7 +584,7 @@ def _resume_hint(args: argparse.Namespace) -> str:
     folder = getattr(args, "checkpoint_folder", None)
     if args.command != "train" or folder is None:
         return ""
-    from .training import CHECKPOINT_STATE
+    from .checkpoints import CHECKPOINT_STATE
 
     if (Path(folder) / CHECKPOINT_STATE).is_file():
         return f"; finish the run with --resume {folder}"

@@ -8,236 +8,54 @@ set of embedding perturbations ``Delta`` is trained, with the ResAG frozen, to m
 projections of ``E_t + Delta`` match the original projections of ``E_t`` (an attack), and the next
 stage trains against it.
 
-How the losses are computed without building any projection:
-
-Every loss is a layer-weighted squared error of the form ``||u W^T + R(x)||²_w`` where ``x`` is
-the embedding the gate reads, ``u`` an offset in *embedding* space whose projection is the base
-error, ``W`` ``[sum(d_out), d]`` all target layers' frozen weights stacked (config.target_layers
-order) and ``w`` the per-column weight ``c_l / (L * d_out_l)`` (so the sum is the mean over layers
-of ``c_l`` times each layer's mean squared error; one more division by ``T`` averages tokens):
-
-- erase: ``x = E_t``, ``u = (1 + eta)(E_t - E_n)`` — since ``P`` is affine, the erase error
-  ``P(E_t) - (1 + eta) P(E_n) + eta P(E_t)`` is ``u W^T`` (the bias cancels);
-- adversarial (erase stage): ``x = E_t + Delta``, ``u = (1 + eta)(E_t - E_n) + Delta``;
-- anchoring: ``P'(x) - P(x) = R(x)``, so ``u = 0`` (no projection needed at all);
-- attack: ``x = E_t + Delta``, ``u = Delta`` (distance to the *original* ``P(E_t)``).
-
-With the residual ``R[t, o] = sum_k h[t, l(o), k] U[k, o]`` (``h`` the gated low-rank codes),
-
-    ||u W^T + R||²_w = u G u^T + 2 <h, u M> + sum_l h_l Q_l h_l^T
-
-where ``G = W^T diag(w) W`` (``d x d``, fixed), ``M[:, (l, k)] = W_l^T (w_l ⊙ U_l[k])``
-(``d x L r``) and ``Q_l = U_l diag(w_l) U_l^T`` (``r x r``): the residual never has to be formed,
-each step costs a few ``T x d x (2m + L r + 1)`` products, and the cost does not grow with the
-UNet's channel widths. ``M`` and ``Q`` are rebuilt from ``U`` each step (cheap, grouped by
-``d_out`` so every layer is one batched product).
+The loss math lives in :mod:`losses`, the resolved hyper-parameters in :mod:`training_plan` and
+the stage checkpoints in :mod:`checkpoints`; this module runs the stages.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
 import math
 import numbers
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from .adapter import CPEAdapter, base_model_info
-from .config import ConceptSpec, CPEConfig, TargetLayer, is_finite_number
+from .checkpoints import Checkpointer, open_checkpoint, pipeline_fingerprint, run_signature
+from .config import ConceptSpec, CPEConfig, TargetLayer
 from .errors import CPEAdapterError
-from .lipschitz import layer_weights
-from .presets import Preset, get_preset
-from .recipes import Recipe, augment_targets, get_recipe
-from .runtime import denoiser_of, find_target_layers, innermost_linear
-from .training_data import PromptSet, build_prompt_set, check_concept
+from .losses import (
+    ProjectionStack,
+    base_energy,
+    build_stack,
+    codes_from_projection,
+    coupling,
+    cross_term,
+    gate_matrix,
+    residual_energy,
+)
+from .recipes import augment_targets
+from .runtime import denoiser_of, find_target_layers
+from .training_data import PromptSet, build_prompt_set
+from .training_plan import (
+    ANCHOR_NOISE,
+    WEIGHT_DECAY,
+    TrainingPlan,
+    concept_seed,
+    concept_specs,
+    resolve_plan,
+    with_paraphrases,
+)
 
-__all__ = [
-    "ConceptRun",
-    "ProjectionStack",
-    "build_stack",
-    "concept_seed",
-    "layer_weights",
-    "stage_schedule",
-    "train_concepts",
-    "train_cpe",
-]
+__all__ = ["ConceptResult", "ConceptRun", "TrainingContext", "make_context", "train_concepts", "train_cpe"]
 
-
-@dataclass
-class _Group:
-    layers: torch.Tensor  # indices (into target layers) of the layers with this d_out
-    columns: torch.Tensor  # their output columns, layer-major
-    weight_t: torch.Tensor  # [n_g, d, d_out]: W_l^T of each layer
-
-
-@dataclass
-class ProjectionStack:
-    """Frozen ``to_k``/``to_v`` weights of all target layers and their loss weights."""
-
-    weight: torch.Tensor  # [sum_out, d]
-    layer_weight: torch.Tensor  # [L] c_l
-    column_weight: torch.Tensor  # [sum_out] c_l / (L * d_out_l)
-    gram: torch.Tensor  # [d, d] W^T diag(w) W
-    eigenvalues: torch.Tensor  # [d] of gram (clamped at 0)
-    eigenvectors: torch.Tensor  # [d, d] orthonormal columns: gram = V diag(lambda) V^T
-    groups: list[_Group]
-    inverse: torch.Tensor  # position of each layer in the concatenation of the groups
-    num_layers: int
-
-    @property
-    def dim(self) -> int:
-        return self.weight.shape[1]
-
-
-def projection_weights(denoiser: nn.Module, layers: list[TargetLayer]) -> torch.Tensor:
-    """``[sum(d_out), d]``: the base weights of every target projection, in ``layers`` order."""
-    modules = dict(denoiser.named_modules())
-    parts = []
-    for layer in layers:
-        parent_path, _, proj = layer.name.rpartition(".")
-        linear = innermost_linear(getattr(modules[parent_path], proj))[2]
-        parts.append(linear.weight.detach().float())
-    return torch.cat(parts)
-
-
-def build_stack(denoiser: nn.Module, layers: list[TargetLayer], tokens: int, device: Any) -> ProjectionStack:
-    """Everything fixed during training, computed once per pipeline (fp32, on ``device``)."""
-    weight = projection_weights(denoiser, layers).to(device)
-    c = layer_weights(denoiser, tokens).to(device)
-    sizes = torch.tensor([t.out_features for t in layers], device=device)
-    layer_of_column = torch.repeat_interleave(torch.arange(len(layers), device=device), sizes)
-    column_weight = (c / (len(layers) * sizes.float()))[layer_of_column]
-    gram = weight.T @ (column_weight.unsqueeze(1) * weight)
-    gram = 0.5 * (gram + gram.T)
-    offsets = torch.cumsum(sizes, 0) - sizes
-    groups, order = [], []
-    for size in sorted({t.out_features for t in layers}):
-        idx = [i for i, t in enumerate(layers) if t.out_features == size]
-        cols = torch.cat([torch.arange(int(offsets[i]), int(offsets[i]) + size, device=device) for i in idx])
-        w_t = weight[cols].view(len(idx), size, -1).transpose(1, 2).contiguous()
-        groups.append(_Group(torch.tensor(idx, device=device), cols, w_t))
-        order += idx
-    inverse = torch.empty(len(layers), dtype=torch.long, device=device)
-    inverse[torch.tensor(order, device=device)] = torch.arange(len(layers), device=device)
-    values, vectors = torch.linalg.eigh(gram.double())
-    values, vectors = values.clamp_min(0).float(), vectors.float()
-    return ProjectionStack(weight, c, column_weight, gram, values, vectors, groups, inverse, len(layers))
-
-
-def coupling(stack: ProjectionStack, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``M`` ``[d, L*r]`` (layer-major) and ``Q`` ``[L, r, r]`` for the current ``U`` ``[r, sum_out]``."""
-    rank = up.shape[0]
-    weighted = up * stack.column_weight
-    m_parts, q_parts = [], []
-    for group in stack.groups:
-        n_g, size = group.weight_t.shape[0], group.weight_t.shape[2]
-        u_g = up[:, group.columns].view(rank, n_g, size).permute(1, 2, 0)
-        wu_g = weighted[:, group.columns].view(rank, n_g, size).permute(1, 2, 0)
-        m_parts.append(group.weight_t @ wu_g)  # [n_g, d, r]
-        q_parts.append(u_g.transpose(1, 2) @ wu_g)  # [n_g, r, r]
-    m = torch.cat(m_parts)[stack.inverse]
-    q = torch.cat(q_parts)[stack.inverse]
-    return m.permute(1, 0, 2).reshape(stack.dim, -1), q
-
-
-# Width multiple of the ``[v | D]`` block: matrix kernels on CPU run several times faster on
-# 16-wide operands than on, e.g., 9-wide ones, so the block is padded with zero columns.
-GATE_BLOCK = 16
-
-
-def gate_matrix(
-    gate_a: torch.Tensor, gate_b: torch.Tensor | None, gate_v: torch.Tensor, down: torch.Tensor
-) -> torch.Tensor:
-    """``[A | B | v | D | 0]`` (``B`` left out when tied; zero columns pad ``[v | D | 0]`` to a multiple
-    of ``GATE_BLOCK``): one product reads all of ``E``'s projections the gate and the residual need."""
-    mats = [gate_a] if gate_b is None else [gate_a, gate_b]
-    pad = -(1 + down.shape[1]) % GATE_BLOCK
-    zeros = down.new_zeros(down.shape[0], pad)
-    return torch.cat([*mats, gate_v.unsqueeze(1), down, zeros], dim=1)
-
-
-def codes_from_projection(
-    proj: torch.Tensor, rank: int, tied: bool, scale: float, width: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gated low-rank codes ``h = scale * g ⊙ (S (E D))`` ``[n, T, width]`` and gates ``g`` ``[n, T]``
-    from ``proj = E`` :func:`gate_matrix` (``rank`` = gate rank m, ``width`` = ``L r``).
-
-    Uses ``S E D = S (E D)`` and ``Ē v = S (E v)``: the mixed embedding ``Ē`` (``T x d``) is never
-    formed, and since ``proj`` is linear in ``E``, sums of embeddings (mixup, ``E_t + Delta``) can be
-    projected piece by piece.
-    """
-    if tied:
-        queries, rest = proj.split([rank, proj.shape[-1] - rank], dim=-1)
-        keys = queries
-    else:
-        queries, keys, rest = proj.split([rank, rank, proj.shape[-1] - 2 * rank], dim=-1)
-    mixing = torch.softmax(queries @ keys.transpose(-1, -2), dim=-1)
-    mixed = mixing @ rest
-    gates = torch.sigmoid(mixed[..., 0])
-    return scale * gates.unsqueeze(-1) * mixed[..., 1 : 1 + width], gates
-
-
-def gate_codes(
-    embeds: torch.Tensor,
-    gate_a: torch.Tensor,
-    gate_b: torch.Tensor | None,
-    gate_v: torch.Tensor,
-    down: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and gates of :func:`codes_from_projection` for embeddings ``[n, T, d]``
-    (``gate_b=None`` ties the key side to ``gate_a``, as ``tie_gate_qk``)."""
-    proj = embeds @ gate_matrix(gate_a, gate_b, gate_v, down)
-    return codes_from_projection(proj, gate_a.shape[1], gate_b is None, scale, down.shape[1])
-
-
-def residual_energy(codes: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``mean_t sum_l h_l Q_l h_l^T`` per sample: ``||R||²_w`` averaged over tokens, ``[n]``."""
-    layers, rank = q.shape[0], q.shape[1]
-    h = codes.unflatten(-1, (layers, rank))
-    return torch.einsum("ntlk,lkj,ntlj->n", h, q, h) / codes.shape[1]
-
-
-def cross_term(codes: torch.Tensor, offsets: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``mean_t 2 <h, u M>`` per sample ``[n]`` for codes ``[n, T, Lr]`` and offsets ``u`` ``[n, T, d]``."""
-    return 2.0 * (codes * (offsets @ m)).sum((-1, -2)) / codes.shape[1]
-
-
-class _QuadraticForm(torch.autograd.Function):
-    """``sum_t x_t G x_t^T`` per sample with one matrix product (G symmetric: the gradient is ``2 x G``);
-    a 1-d ``G`` is a diagonal, applied elementwise."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-        y = x * gram if gram.dim() == 1 else x @ gram
-        ctx.save_for_backward(y)
-        return (x * y).sum((-1, -2))
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (y,) = ctx.saved_tensors
-        return 2.0 * y * grad.view(-1, 1, 1), None
-
-
-def base_energy(offsets: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """``mean_t u G u^T`` per sample ``[n]``: the weighted error with no residual (differentiable in ``u``;
-    a 1-d ``gram`` is a diagonal)."""
-    return _QuadraticForm.apply(offsets, gram) / offsets.shape[1]
-
-
-# ================================================================================= the plan
-ANCHOR_NOISE = 1e-3  # mixup-anchor noise: per-element std = ANCHOR_NOISE * token norm / sqrt(d)
 DELTA_INIT = 1e-3  # initial adversary, relative to the target embeddings' RMS
-WEIGHT_DECAY = 0.01
 # Intra-op threads on a CPU. An erase step's products are too small to gain from a second thread,
 # which draws the next step's batch instead (``ConceptRun._batches``); the attack's gain from two.
 ERASE_THREADS_CPU = 1
@@ -247,228 +65,6 @@ STACK_THREADS_CPU = 2  # the projection stack (Gram matrix, eigenvectors, c_l) i
 MAX_FOUND_PROMPTS = 16
 EVAL_TEMPLATES = 8
 EVAL_ANCHORS = 32
-CHECKPOINT_STATE = "trainer_state.json"
-CHECKPOINT_FORMAT = "cpe-adapter-training-checkpoint"
-CHECKPOINT_VERSION = 2
-_RUN_OPTIONS = {
-    "tie_gate_qk",
-    "name",
-    "warmup_steps",
-    "templates",
-    "log_every",
-    "num_threads",
-    "recipe",
-    "paraphrases",
-}
-
-
-@dataclass(frozen=True)
-class TrainingPlan:
-    """Resolved hyper-parameters and stage schedule of one training run."""
-
-    preset: Preset
-    erase_iters: tuple[int, ...]
-    attack_iters: int
-    warmup_steps: int = 10
-    log_every: int = 50
-    tie_gate_qk: bool = False
-    templates: tuple[str, ...] | None = None
-    anchors: tuple[str, ...] | None = None
-    num_threads: int | None = None
-    recipe: Recipe = field(default_factory=get_recipe)
-    paraphrases: tuple[tuple[str, tuple[str, ...]], ...] = ()
-
-    @property
-    def stages(self) -> int:
-        return len(self.erase_iters)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **self.preset.to_dict(),
-            "stages": self.stages,
-            "first_stage_iters": self.erase_iters[0],  # as run: ``steps`` scales the preset's schedule
-            "erase_iters": list(self.erase_iters),
-            "attack_iters": self.attack_iters,
-            "total_erase_iters": sum(self.erase_iters),
-            "warmup_steps": self.warmup_steps,
-            "tie_gate_qk": self.tie_gate_qk,
-            "templates": None if self.templates is None else list(self.templates),
-            "anchors": None if self.anchors is None else list(self.anchors),
-            "optimizer": (
-                f"AdamW(weight_decay={WEIGHT_DECAY}), cosine per stage, {self.warmup_steps} warm-up steps "
-                "(at most a quarter of a stage)"
-            ),
-            "num_threads": self.num_threads,
-            "anchor_noise": ANCHOR_NOISE,
-            **self.recipe.to_dict(),
-            **({"paraphrases": {name: list(texts) for name, texts in self.paraphrases}} if self.paraphrases else {}),
-        }
-
-
-def stage_schedule(preset: Preset, steps: int | None) -> tuple[tuple[int, ...], int]:
-    """Erase iterations per stage and attack iterations per adversarial stage.
-
-    ``steps`` (total erase iterations) scales the preset's schedule proportionally, attack
-    iterations included; every stage keeps at least one iteration (with fewer ``steps`` than
-    stages, there are only ``steps`` stages).
-    """
-    base = (preset.first_stage_iters,) + (preset.erase_iters,) * (preset.stages - 1)
-    if steps is None:
-        return base, preset.attack_iters
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise CPEAdapterError(f"`steps` must be a positive integer (total erase iterations), got {steps!r}.")
-    stages = min(preset.stages, steps)
-    factor = steps / preset.total_erase_iters
-    first = max(1, min(round(preset.first_stage_iters * factor), steps - (stages - 1)))
-    rest = steps - first
-    share, extra = divmod(rest, stages - 1) if stages > 1 else (0, 0)
-    later = [share + (1 if i < extra else 0) for i in range(stages - 1)]
-    return (first, *later), max(1, round(preset.attack_iters * factor))
-
-
-def resolve_plan(
-    preset: str, steps: int | None, anchors: Sequence[str] | None, overrides: dict[str, Any]
-) -> tuple[TrainingPlan, str | None]:
-    """The plan for ``preset`` with ``overrides`` applied, and the adapter name (if given)."""
-    if not isinstance(preset, str):
-        raise CPEAdapterError(f"`preset` must be one of 'names', 'styles', 'explicit', got {preset!r}.")
-    settings = get_preset(preset)
-    valid = (set(settings.to_dict()) - {"name"}) | _RUN_OPTIONS
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise CPEAdapterError(f"Unknown training option(s) {unknown}; valid ones are {sorted(valid)}.")
-    run = {k: overrides[k] for k in overrides if k in _RUN_OPTIONS}
-    settings = settings.replace(**{k: v for k, v in overrides.items() if k not in _RUN_OPTIONS})
-    _check_run_options(run)
-    per_anchor = settings.anchor_templates
-    if per_anchor is not None and (isinstance(per_anchor, bool) or not isinstance(per_anchor, int) or per_anchor < 1):
-        raise CPEAdapterError(
-            f"Training option 'anchor_templates' must be a positive integer or None (every template), "
-            f"got {per_anchor!r}."
-        )
-    erase_iters, attack_iters = stage_schedule(settings, steps)
-    templates = run.get("templates")
-    if isinstance(anchors, str):
-        anchors = [anchors]
-    plan = TrainingPlan(
-        preset=settings,
-        erase_iters=erase_iters,
-        attack_iters=attack_iters,
-        warmup_steps=run.get("warmup_steps", 10),
-        log_every=run.get("log_every", 50),
-        tie_gate_qk=run.get("tie_gate_qk", False),
-        templates=None if templates is None else tuple(templates),
-        anchors=None if anchors is None else tuple(str(a) for a in anchors),
-        num_threads=run.get("num_threads"),
-        recipe=get_recipe(run.get("recipe")),
-        paraphrases=_paraphrases(run.get("paraphrases")),
-    )
-    return plan, run.get("name")
-
-
-def _check_run_options(run: dict[str, Any]) -> None:
-    """Refuse run options of the wrong type (``tie_gate_qk="false"`` is not False; 2.0 is no count)."""
-    for key, least in (("warmup_steps", 0), ("log_every", 1), ("num_threads", 1)):
-        value = run.get(key)
-        if key not in run or (value is None and key == "num_threads"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-            raise CPEAdapterError(f"Training option {key!r} must be an integer >= {least}, got {value!r}.")
-        run[key] = int(value)
-    if "tie_gate_qk" in run and not isinstance(run["tie_gate_qk"], bool):
-        raise CPEAdapterError(f"Training option 'tie_gate_qk' must be True or False, got {run['tie_gate_qk']!r}.")
-
-
-def _paraphrases(given: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """``{concept: [other ways to say it]}`` as a plan field; a clear error for anything else."""
-    if given is None:
-        return ()
-    if not isinstance(given, Mapping):
-        raise CPEAdapterError(
-            f"`paraphrases` must map each concept to its other wordings, e.g. {{'Van Gogh': ['Vincent van Gogh']}}; "
-            f"got {type(given).__name__}."
-        )
-    checked = []
-    for concept, texts in given.items():
-        texts = [texts] if isinstance(texts, str) else texts
-        if not isinstance(concept, str) or not isinstance(texts, Sequence) or not texts:
-            raise CPEAdapterError(f"`paraphrases[{concept!r}]` must be a non-empty list of strings.")
-        if any(not isinstance(t, str) or not t.strip() for t in texts):
-            raise CPEAdapterError(f"`paraphrases[{concept!r}]` holds an empty or non-string entry: {texts!r:.120}.")
-        checked.append((concept, tuple(t.strip() for t in texts)))
-    return tuple(checked)
-
-
-def concept_specs(pipe: Any, concepts: Any, plan: TrainingPlan) -> list[ConceptSpec]:
-    """Concepts as :class:`ConceptSpec` (preset neutral phrase and eta for plain strings), checked."""
-    if isinstance(concepts, (str, ConceptSpec)):
-        concepts = [concepts]
-    if concepts is not None and not isinstance(concepts, (list, tuple)):
-        raise CPEAdapterError(
-            f"`concepts` must be a string, a ConceptSpec or a list of them, got {type(concepts).__name__}."
-        )
-    if concepts is None or len(concepts) == 0:
-        raise CPEAdapterError("No concepts to erase; pass a concept string such as 'Van Gogh' or a list of them.")
-    specs = []
-    for concept in concepts:
-        if isinstance(concept, ConceptSpec):
-            eta = concept.eta
-            if not is_finite_number(eta) or eta <= -1:
-                raise CPEAdapterError(
-                    f"ConceptSpec {concept.name!r}: eta must be a finite number above -1, got {eta!r}."
-                )
-            if not isinstance(concept.neutral, str):
-                raise CPEAdapterError(
-                    f"ConceptSpec {concept.name!r}: neutral must be a phrase, got {concept.neutral!r}."
-                )
-            spec = ConceptSpec(check_concept(pipe, concept.name), concept.neutral, float(eta))
-        else:
-            if not isinstance(concept, str):
-                raise CPEAdapterError(f"Each concept must be a string or a ConceptSpec, got {concept!r:.80}.")
-            spec = ConceptSpec(check_concept(pipe, concept), plan.preset.neutral, float(plan.preset.eta))
-        check_concept(pipe, spec.neutral)
-        if spec.neutral.strip().casefold() == spec.name.casefold():
-            raise CPEAdapterError(
-                f"The concept {spec.name!r} is its own neutral phrase, so there is nothing to move it toward; pass "
-                "another neutral (ConceptSpec(name, neutral) or `neutral=`)."
-            )
-        specs.append(spec)
-    names = [s.name.lower() for s in specs]
-    if len(set(names)) != len(names):
-        raise CPEAdapterError(f"A concept is listed twice in {[s.name for s in specs]}; list each once.")
-    return specs
-
-
-def with_paraphrases(pipe: Any, specs: list[ConceptSpec], plan: TrainingPlan) -> list[ConceptSpec]:
-    """``specs``, then each user paraphrase as a concept of its own with its concept's neutral and eta.
-
-    A paraphrase gets its own gate and residual: folded into its concept's target set instead, it
-    competes for the concept's rank-``r`` residual (a description has other tokens and another
-    erase direction), which on short, high-learning-rate runs shut the concept's own gate. As
-    separate concepts, the concepts themselves train exactly as without paraphrases.
-    """
-    by_name = {spec.name: spec for spec in specs}
-    unknown = sorted(concept for concept, _ in plan.paraphrases if concept not in by_name)
-    if unknown:
-        raise CPEAdapterError(
-            f"`paraphrases` names {unknown}, which are not among the concepts to erase {list(by_name)}."
-        )
-    added = []
-    seen = {name.casefold() for name in by_name}
-    for concept, texts in plan.paraphrases:
-        parent = by_name[concept]
-        for text in texts:
-            if text.casefold() not in seen:  # as concept_specs: "van gogh" is "Van Gogh" again
-                seen.add(text.casefold())
-                added.append(ConceptSpec(check_concept(pipe, text), parent.neutral, parent.eta))
-    return [*specs, *added]
-
-
-def concept_seed(seed: int, index: int, name: str) -> int:
-    """The seed of concept ``index``: depends only on ``(seed, index, name)``, so sharding concepts
-    over processes (:mod:`distributed`) gives the same weights as one process."""
-    digest = hashlib.sha256(f"cpe-adapter/{int(seed)}/{index}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 @contextlib.contextmanager
@@ -889,96 +485,6 @@ class ConceptRun:
         return ConceptResult(self.spec, seed, tensors, list(self.history), final)
 
 
-# =============================================================================== checkpoints
-class Checkpointer:
-    """Stage checkpoints: ``trainer_state.json`` plus one ``concept_XXXX_stage_YYY.safetensors`` per concept.
-
-    Each concept file holds its parameters, the current adversary ``delta`` (if any) and its RNG
-    state (``rng_state``, uint8) — with a fresh optimizer per stage, that is all a run needs to
-    continue bit-exactly. The JSON holds the run's signature (refused on resume if it differs),
-    and per concept the next stage to run, the tensor file of that stage, whether it is done, its
-    history and final losses. Files are written atomically, each stage's tensors to a file of their
-    own before the JSON that names them, and the previous stage's file is removed only after: a
-    crash at any point leaves a JSON and tensors of the same stage. No pickle anywhere.
-    """
-
-    def __init__(self, directory: str | os.PathLike, signature: dict[str, Any]) -> None:
-        self.directory = Path(directory)
-        self.signature = json.loads(json.dumps(signature))
-        self.concepts: dict[str, dict[str, Any]] = {}
-
-    @staticmethod
-    def tensor_file(index: int, stage: int) -> str:
-        return f"concept_{index:04d}_stage_{stage:03d}.safetensors"
-
-    def load(self) -> None:
-        """Read an existing checkpoint of the same run (a clear error if it is another run's)."""
-        path = self.directory / CHECKPOINT_STATE
-        if not path.is_file():
-            raise CPEAdapterError(f"No training checkpoint in {self.directory} ({CHECKPOINT_STATE} is missing).")
-        try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CPEAdapterError(f"{path} is not a readable checkpoint ({err}); start a fresh run.") from err
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CPEAdapterError(f"{path} is not a cpe-adapter training checkpoint.")
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise CPEAdapterError(
-                f"{path} was written by another version of cpe-adapter (checkpoint format {state.get('version')!r}, "
-                f"this one reads {CHECKPOINT_VERSION}); it cannot be resumed: start a fresh run."
-            )
-        theirs = state.get("run", {})
-        differing = sorted(k for k in set(theirs) | set(self.signature) if theirs.get(k) != self.signature.get(k))
-        if differing:
-            raise CPEAdapterError(
-                f"The checkpoint in {self.directory} belongs to another training run (different {differing}); "
-                "resume with the same pipeline, concepts, preset, steps, seed and options, or start afresh."
-            )
-        concepts = state.get("concepts", {})
-        stages = int(self.signature["plan"]["stages"])
-        for key, entry in concepts.items() if isinstance(concepts, dict) else [(None, None)]:
-            stage = entry.get("next_stage") if isinstance(entry, dict) else None
-            if not (isinstance(stage, int) and 1 <= stage <= stages and isinstance(entry.get("file"), str)):
-                raise CPEAdapterError(f"{path} is corrupt (concept {key}: {entry!r:.80}); start a fresh run.")
-        self.concepts = concepts
-
-    def entry(self, index: int) -> dict[str, Any] | None:
-        return self.concepts.get(str(index))
-
-    def tensors(self, index: int) -> dict[str, torch.Tensor]:
-        from .serialization import load_weights
-
-        path = self.directory / self.concepts[str(index)]["file"]
-        if not path.is_file():
-            raise CPEAdapterError(f"{path} is missing; the checkpoint in {self.directory} is incomplete.")
-        tensors = load_weights(path)
-        missing = [k for k in (*ConceptRun.PARAMS, "rng_state") if k not in tensors]
-        if missing:
-            raise CPEAdapterError(f"{path} lacks {missing}; the checkpoint is corrupt, start a fresh run.")
-        floats = {k: v for k, v in tensors.items() if k != "rng_state"}
-        if tensors["rng_state"].dtype != torch.uint8 or any(
-            v.dtype != torch.float32 or not bool(torch.isfinite(v).all()) for v in floats.values()
-        ):
-            raise CPEAdapterError(f"{path} holds tensors of the wrong type or non-finite values; start a fresh run.")
-        return tensors
-
-    def save(self, index: int, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> None:
-        from safetensors.torch import save
-
-        from .serialization import atomic_write_bytes
-
-        self.directory.mkdir(parents=True, exist_ok=True)
-        name = self.tensor_file(index, int(entry["next_stage"]))
-        previous = (self.concepts.get(str(index)) or {}).get("file")
-        atomic_write_bytes(self.directory / name, save(tensors))
-        self.concepts[str(index)] = json.loads(json.dumps({**entry, "file": name}))
-        state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "run": self.signature}
-        state["concepts"] = self.concepts
-        atomic_write_bytes(self.directory / CHECKPOINT_STATE, (json.dumps(state, indent=1) + "\n").encode("utf-8"))
-        if previous is not None and previous != name:
-            (self.directory / previous).unlink(missing_ok=True)
-
-
 # ============================================================================= whole runs
 @dataclass
 class TrainingContext:
@@ -1026,23 +532,6 @@ def make_context(pipe: Any, plan: TrainingPlan, device: Any = None) -> TrainingC
     context = TrainingContext(pipe, plan, layers, stack, device, plan.preset.name, *base_model_info(pipe, denoiser))
     context.fingerprint = pipeline_fingerprint(pipe, stack)
     return context
-
-
-def pipeline_fingerprint(pipe: Any, stack: ProjectionStack) -> str:
-    """A short hash of what training reads from the pipeline: the frozen projections and their
-    layer weights, and per text encoder its class, dtype, size and final parameters (a fine-tune
-    changes them). Resuming on a pipeline with another fingerprint is refused, whatever its name."""
-    from .training_data import text_encoders_of
-
-    digest = hashlib.sha256()
-    tensors = [stack.weight, stack.layer_weight]
-    for encoder in text_encoders_of(pipe):
-        params = list(encoder.parameters())
-        digest.update(f"{type(encoder).__name__}/{params[0].dtype}/{sum(p.numel() for p in params)}".encode())
-        tensors += params[-2:]
-    for tensor in tensors:
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:32]
 
 
 def _sequence_length(pipe: Any) -> int:
@@ -1194,17 +683,6 @@ def _progress_bar(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def run_signature(context: TrainingContext, specs: list[ConceptSpec], seed: int) -> dict[str, Any]:
-    return {
-        "concepts": [s.__dict__ for s in specs],
-        "seed": int(seed),
-        "plan": context.plan.to_dict(),
-        "layers": [t.__dict__ for t in context.layers],
-        "base_model": context.base_model,
-        "pipeline": context.fingerprint,
-    }
-
-
 def assemble(
     context: TrainingContext, results: list[ConceptResult], seed: int, steps: int | None, name: str | None
 ) -> CPEAdapter:
@@ -1272,32 +750,8 @@ def train_concepts(
     specs = with_paraphrases(pipe, concept_specs(pipe, concepts, plan), plan)
     context = make_context(pipe, plan, device)
     context.erased = tuple(spec.name for spec in specs)
-    checkpoint = None
-    into_other = resume_from is not None and checkpoint_dir is not None
-    into_other = into_other and Path(resume_from).resolve() != Path(checkpoint_dir).resolve()
-    if checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_STATE).is_file():
-        if resume_from is None:
-            raise CPEAdapterError(
-                f"{checkpoint_dir} already holds the checkpoint of a training run; pass "
-                f"resume_from={str(checkpoint_dir)!r} to finish it, or another (empty) checkpoint_dir to start afresh."
-            )
-        if into_other:
-            raise CPEAdapterError(
-                f"checkpoint_dir {checkpoint_dir} already holds the checkpoint of another run; resume from "
-                f"{resume_from} into an empty folder (or into {resume_from} itself)."
-            )
-    if checkpoint_dir is not None or resume_from is not None:
-        checkpoint = Checkpointer(
-            checkpoint_dir if checkpoint_dir is not None else resume_from, run_signature(context, specs, seed)
-        )
-        if resume_from is not None:
-            source = Checkpointer(resume_from, checkpoint.signature)
-            source.load()
-            if into_other:  # copied concept by concept: the new state never names a file not there yet
-                for key in source.concepts:
-                    checkpoint.save(int(key), source.tensors(int(key)), source.concepts[key])
-            else:
-                checkpoint.concepts = source.concepts
+    signature = run_signature(context, specs, seed)
+    checkpoint = open_checkpoint(checkpoint_dir, resume_from, signature, ConceptRun.PARAMS)
     rank, world = (0, 1) if shard is None else shard
     chosen = range(rank, len(specs), world)
     results = [

@@ -36,7 +36,8 @@ import torch
 
 import cpe_adapter  # noqa: F401  (installs the pipeline methods)
 from cpe_adapter import CPEAdapter, gate, routing
-from cpe_adapter.runtime import denoiser_of, find_target_layers, get_runtime
+from cpe_adapter.runtime import get_runtime
+from cpe_adapter.targets import denoiser_of, find_target_layers
 from cpe_adapter.testing import sd15_random_pipeline, sd15_unet, tiny_pipeline
 
 PROMPT = "a portrait of a famous painter in a garden, oil painting"

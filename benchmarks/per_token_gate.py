@@ -54,7 +54,8 @@ from cpe_adapter.evaluation import KVProbe
 from cpe_adapter.gate import expand_residual
 from cpe_adapter.loaders import load_cpe_adapter, unload_cpe_adapter
 from cpe_adapter.pools import concept_pool, templates
-from cpe_adapter.runtime import denoiser_of, get_runtime
+from cpe_adapter.runtime import get_runtime
+from cpe_adapter.targets import denoiser_of
 from cpe_adapter.testing import tiny_pipeline
 from cpe_adapter.training import train_cpe
 from cpe_adapter.training_data import similar_concepts

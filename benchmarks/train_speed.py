@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from cpe_adapter.config import ConceptSpec
 from cpe_adapter.losses import build_stack
 from cpe_adapter.presets import get_preset
-from cpe_adapter.runtime import cross_attention_modules, find_target_layers
+from cpe_adapter.targets import cross_attention_modules, find_target_layers
 from cpe_adapter.training import ConceptRun
 from cpe_adapter.training_data import build_prompt_set
 from cpe_adapter.training_plan import resolve_plan

@@ -19,7 +19,8 @@ import torch
 
 import cpe_adapter
 from cpe_adapter import CPEAdapter
-from cpe_adapter.runtime import cross_attention_modules, find_target_layers, get_runtime
+from cpe_adapter.runtime import get_runtime
+from cpe_adapter.targets import cross_attention_modules, find_target_layers
 from cpe_adapter.testing import tiny_pipeline
 from fake_hub import fake_hub, offline_hub_cache, populate_hub_cache
 

@@ -9,7 +9,8 @@ import torch
 
 import cpe_adapter  # noqa: F401  (installs the pipeline methods)
 from cpe_adapter import CPEAdapter, gate, routing
-from cpe_adapter.runtime import CACHE_ENTRIES, denoiser_of, get_runtime, no_cache
+from cpe_adapter.runtime import CACHE_ENTRIES, get_runtime, no_cache
+from cpe_adapter.targets import denoiser_of
 from cpe_adapter.testing import tiny_pipeline
 
 

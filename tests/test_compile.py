@@ -7,7 +7,8 @@ import torch
 
 import cpe_adapter  # noqa: F401  (installs the pipeline methods)
 from cpe_adapter import CPEAdapter
-from cpe_adapter.runtime import denoiser_of, get_runtime, no_cache
+from cpe_adapter.runtime import get_runtime, no_cache
+from cpe_adapter.targets import denoiser_of
 from cpe_adapter.testing import tiny_pipeline
 
 dynamo = pytest.importorskip("torch._dynamo")

@@ -16,7 +16,8 @@ from conftest import PROMPT, generate, random_adapter, set_random_weights, unet_
 from cpe_adapter import CPEAdapter, routing
 from cpe_adapter.gate import gate_values
 from cpe_adapter.layer import CPELinear
-from cpe_adapter.runtime import cross_attention_modules, get_runtime
+from cpe_adapter.runtime import get_runtime
+from cpe_adapter.targets import cross_attention_modules
 from cpe_adapter.testing import tiny_pipeline
 
 LORA_TARGETS = ["to_k", "to_v", "to_q", "to_out.0"]

@@ -122,7 +122,8 @@ def test_a_selection_made_while_another_thread_prepares_is_never_served_its_proj
     in flight. B must get its own selection, not A's prepared K/V. Events, not sleeps, order the
     two threads: A holds in its integrity check until B has started, and in its first block until
     B is done."""
-    from cpe_adapter.runtime import CPERuntime, denoiser_of
+    from cpe_adapter.runtime import CPERuntime
+    from cpe_adapter.targets import denoiser_of
 
     pipe, _ = shared
     unet = denoiser_of(pipe)

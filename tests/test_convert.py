@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from cpe_adapter import CPEAdapter, CPEAdapterError
 from cpe_adapter.cli import main
 from cpe_adapter.convert import convert_reference_checkpoints
-from cpe_adapter.runtime import find_target_layers, get_runtime
+from cpe_adapter.runtime import get_runtime
+from cpe_adapter.targets import find_target_layers
 from cpe_adapter.testing import tiny_pipeline
 
 GATE_PREFIX = "text_encoder_gate.attention_module1."

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cpe_adapter.lipschitz import layer_weights
-from cpe_adapter.runtime import cross_attention_modules, find_target_layers
+from cpe_adapter.targets import cross_attention_modules, find_target_layers
 from cpe_adapter.testing import tiny_pipeline
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import kv_projections
 from cpe_adapter import CPEAdapter
 from cpe_adapter.losses import base_energy, build_stack, coupling, cross_term, gate_codes, residual_energy
-from cpe_adapter.runtime import find_target_layers
+from cpe_adapter.targets import find_target_layers
 from cpe_adapter.testing import tiny_pipeline
 
 

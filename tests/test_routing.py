@@ -10,7 +10,8 @@ import torch
 import cpe_adapter  # noqa: F401  (installs the pipeline methods)
 from conftest import random_adapter
 from cpe_adapter import routing
-from cpe_adapter.runtime import denoiser_of, get_runtime, no_cache
+from cpe_adapter.runtime import get_runtime, no_cache
+from cpe_adapter.targets import denoiser_of
 from cpe_adapter.testing import tiny_pipeline
 
 

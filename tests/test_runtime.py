@@ -14,7 +14,8 @@ from conftest import OTHER_PROMPT, PROMPT, generate, random_adapter, set_random_
 from cpe_adapter import CPEAdapterError, ErasureIntegrityError
 from cpe_adapter import runtime as runtime_module
 from cpe_adapter.layer import CPELinear
-from cpe_adapter.runtime import cross_attention_modules, get_runtime, no_cache
+from cpe_adapter.runtime import get_runtime, no_cache
+from cpe_adapter.targets import cross_attention_modules
 from cpe_adapter.testing import tiny_pipeline
 
 

@@ -21,7 +21,7 @@ from cpe_adapter.config import ConceptSpec
 from cpe_adapter.gate import gate_values
 from cpe_adapter.losses import build_stack
 from cpe_adapter.presets import get_preset
-from cpe_adapter.runtime import find_target_layers
+from cpe_adapter.targets import find_target_layers
 from cpe_adapter.testing import tiny_pipeline
 from cpe_adapter.training import train_cpe
 from cpe_adapter.training_data import anchor_prompts, encode_prompts, fill_rotating

@@ -248,7 +248,8 @@ class CPEAdapter(nn.Module):
         cls, pipe: Any, concepts: str | Sequence[str | ConceptSpec], preset: str = "names", **overrides: Any
     ) -> CPEAdapter:
         """A fresh, untrained adapter sized for ``pipe``'s cross-attention projections."""
-        from .runtime import adapter_placement, denoiser_of, find_target_layers
+        from .hooks import adapter_placement
+        from .targets import denoiser_of, find_target_layers
 
         denoiser = denoiser_of(pipe)
         model_id, revision = base_model_info(pipe, denoiser)

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from .errors import CPEAdapterError
-from .runtime import CPERuntime, adapter_placement, denoiser_of, get_runtime, remove_runtime
+from .hooks import adapter_placement
+from .runtime import CPERuntime, get_runtime, remove_runtime
+from .targets import denoiser_of
 
 
 def _controlnets(pipe: Any) -> list[nn.Module]:

@@ -34,8 +34,8 @@ from .adapter import CPEAdapter, base_model_info
 from .config import CONFIG_NAME, TargetLayer
 from .errors import CPEAdapterError
 from .presets import get_preset
-from .runtime import denoiser_of, find_target_layers
 from .serialization import load_weights
+from .targets import denoiser_of, find_target_layers
 
 LAYER_PREFIX = "lora_unet_"
 QUERY_SUFFIX = "w_qs.weight"

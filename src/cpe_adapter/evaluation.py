@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from .errors import CPEAdapterError
 from .lipschitz import layer_weights
 from .loaders import disable_cpe_adapters, enable_cpe_adapters
-from .runtime import cross_attention_modules, denoiser_of, get_runtime, innermost_linear
+from .runtime import get_runtime
+from .targets import cross_attention_modules, denoiser_of, innermost_linear
 
 __all__ = [
     "EvalReport",

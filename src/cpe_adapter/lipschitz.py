@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .runtime import cross_attention_modules, denoiser_of, innermost_linear
+from .targets import cross_attention_modules, denoiser_of, innermost_linear
 
 
 def _weight(module: nn.Module) -> torch.Tensor:

@@ -22,8 +22,10 @@ from .adapter import CPEAdapter
 from .config import CONFIG_NAME, WEIGHTS_NAME, CPEConfig, is_finite_number
 from .controlnets import remember_pipeline, sync_companions
 from .errors import CPEAdapterError
+from .hooks import adapter_placement
 from .hub import load_adapter, push_adapter
-from .runtime import CPERuntime, adapter_placement, denoiser_of, get_runtime, remove_runtime
+from .runtime import CPERuntime, get_runtime, remove_runtime
+from .targets import denoiser_of
 
 
 def _runtime(pipe: Any) -> CPERuntime:

@@ -33,7 +33,7 @@ from torch import nn
 
 from .config import TargetLayer
 from .lipschitz import layer_weights
-from .runtime import innermost_linear
+from .targets import innermost_linear
 
 __all__ = [
     "ProjectionStack",

@@ -1,5 +1,8 @@
 """Attaching adapters to a denoiser, routing concepts per token, and the per-prompt cache.
 
+Which layers are wrapped is decided in :mod:`targets`, the routing itself in :mod:`routing` and
+:mod:`gate`, and the hooks a wrapper must carry in :mod:`hooks`.
+
 One :class:`CPERuntime` lives on each denoiser (UNet) that has adapters. It owns the loaded
 adapters, the active set and scales, and a small cache keyed by the prompt-embedding tensor:
 
@@ -41,10 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import CPEAdapter
-from .config import CPEConfig, TargetLayer
+from .config import CPEConfig
 from .errors import CPEAdapterError, ErasureIntegrityError, IncompatibleAdapterError
+from .hooks import carry_cast_hook, carry_offload_hook
 from .layer import CPELinear, is_compiling
 from .routing import RouteMemo, concept_sets, route_row, row_residual
+from .targets import PROJECTED_TEXT, cross_attention_modules, find_target_layers, innermost_linear, is_fused
 
 RUNTIME_ATTR = "_cpe_runtime"
 # Live prompt embeddings whose projections are kept; an entry also goes when its tensor is freed.
@@ -83,81 +88,6 @@ def _count_tree_edit(module: nn.Module, name: str, value: Any) -> None:
 
 torch.nn.modules.module.register_module_module_registration_hook(_count_tree_edit)
 torch.nn.modules.module.register_module_parameter_registration_hook(_count_tree_edit)
-
-
-# ------------------------------------------------------------------------------ model discovery
-def denoiser_of(pipe_or_model: Any) -> nn.Module:
-    """The UNet of a pipeline (or the model itself when given a bare UNet)."""
-    if isinstance(pipe_or_model, nn.Module):
-        denoiser = pipe_or_model
-    else:
-        denoiser = getattr(pipe_or_model, "unet", None)
-        if denoiser is None:
-            if getattr(pipe_or_model, "transformer", None) is not None:
-                raise CPEAdapterError(
-                    f"{type(pipe_or_model).__name__} uses a transformer (MMDiT) denoiser, which cpe-adapter does "
-                    "not support yet; use a UNet pipeline (SD 1.x, SD 2.x, SDXL). See docs/design/mmdit.md."
-                )
-            raise CPEAdapterError(
-                f"{type(pipe_or_model).__name__} has no `unet`; pass a diffusers pipeline or a UNet2DConditionModel."
-            )
-    denoiser = getattr(denoiser, "_orig_mod", denoiser)  # torch.compile wrapper
-    return denoiser
-
-
-def _is_cross_attention(module: nn.Module) -> bool:
-    # diffusers' Attention keeps ``is_cross_attention`` in its __dict__; looking there first spares
-    # nn.Module.__getattr__'s slow miss on the hundreds of other modules (this runs once per prompt).
-    flag = module.__dict__.get("is_cross_attention")
-    if flag is None and hasattr(type(module), "is_cross_attention"):
-        flag = module.is_cross_attention
-    return bool(flag) and hasattr(module, "to_k") and hasattr(module, "to_v")
-
-
-def cross_attention_modules(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(path, Attention)`` of every cross-attention layer, in module order."""
-    return [(name, module) for name, module in denoiser.named_modules() if _is_cross_attention(module)]
-
-
-def innermost_linear(module: nn.Module) -> tuple[nn.Module, str, nn.Module]:
-    """Follow PEFT ``base_layer`` links: ``(parent, attribute, linear)`` of the base projection."""
-    parent, attr, current = None, None, module
-    while isinstance(getattr(current, "base_layer", None), nn.Module):
-        parent, attr, current = current, "base_layer", current.base_layer
-    return parent, attr, current
-
-
-def find_target_layers(denoiser: nn.Module) -> list[TargetLayer]:
-    """The projections an adapter for this denoiser must cover, with dimensions read from the model."""
-    layers = []
-    for path, attn in cross_attention_modules(denoiser):
-        for proj in ("to_k", "to_v"):
-            _, _, linear = innermost_linear(getattr(attn, proj))
-            if not isinstance(linear, nn.Linear):
-                raise CPEAdapterError(f"{path}.{proj} is a {type(linear).__name__}, not a linear projection.")
-            layers.append(TargetLayer(f"{path}.{proj}", linear.in_features, linear.out_features))
-    if not layers:
-        raise CPEAdapterError(
-            f"{type(denoiser).__name__} has no cross-attention layers (attn2.to_k/to_v); cpe-adapter needs a "
-            "text-conditioned UNet."
-        )
-    return layers
-
-
-def _is_fused(attn: nn.Module) -> bool:
-    """Whether this attention computes K/V through a fused ``to_kv`` instead of ``to_k``/``to_v``.
-
-    Fusing builds ``to_kv`` *and* installs a ``Fused*`` processor; ``unfuse_qkv_projections``
-    only restores the processors (``to_kv`` and ``fused_projections`` stay), after which
-    ``to_k``/``to_v`` are used again. So the processor decides.
-    """
-    has_fused = bool(getattr(attn, "fused_projections", False)) or getattr(attn, "to_kv", None) is not None
-    return has_fused and type(getattr(attn, "processor", None)).__name__.startswith("Fused")
-
-
-# UNet ``encoder_hid_dim_type`` values whose cross-attention sees a projection of the UNet's
-# ``encoder_hidden_states`` rather than the tensor itself (``ip_image_proj`` passes it through).
-_PROJECTED_TEXT = ("text_proj", "text_image_proj", "image_proj")
 
 
 # ------------------------------------------------------------------------------ cache switch
@@ -283,7 +213,7 @@ class CPERuntime:
         self._links: list[tuple[nn.Module, str, nn.Module]] = []
         self._verified: tuple | None = None  # (tree edits, generation) at the last full scan that passed
         config = getattr(denoiser, "config", None)
-        self._embeds_reach_layers = getattr(config, "encoder_hid_dim_type", None) not in _PROJECTED_TEXT
+        self._embeds_reach_layers = getattr(config, "encoder_hid_dim_type", None) not in PROJECTED_TEXT
         self._thread_selections = 0
         # Per thread: companions (ControlNets) that ran since this denoiser's last forward.
         self._companion_runs = threading.local()
@@ -481,8 +411,8 @@ class CPERuntime:
                 if parent is None:
                     parent, attr = attn, proj
                 wrapper = CPELinear(linear, self, index)
-                _carry_offload_hook(linear, wrapper)
-                _carry_cast_hook(linear, wrapper)
+                carry_offload_hook(linear, wrapper)
+                carry_cast_hook(linear, wrapper)
                 setattr(parent, attr, wrapper)
                 wrappers.append(wrapper)
                 slots.append((attn, proj, wrapper))
@@ -496,7 +426,7 @@ class CPERuntime:
 
     def check_unfused(self) -> None:
         """Refuse fused cross-attention projections: a fused ``to_kv`` bypasses the wrapped layers."""
-        fused = [path for path, attn in cross_attention_modules(self.denoiser_ref()) if _is_fused(attn)]
+        fused = [path for path, attn in cross_attention_modules(self.denoiser_ref()) if is_fused(attn)]
         if fused:
             raise CPEAdapterError(
                 f"Cross-attention projections are fused ({fused[0]} and {len(fused) - 1} more); fused to_kv bypasses "
@@ -509,8 +439,8 @@ class CPERuntime:
             original = wrapper.cpe_original
             original.weight = wrapper.weight
             original.bias = wrapper.bias
-            _carry_offload_hook(wrapper, original)
-            _carry_cast_hook(wrapper, original)
+            carry_offload_hook(wrapper, original)
+            carry_cast_hook(wrapper, original)
             setattr(parent, attr, original)
         for hook in self._hooks:
             hook.remove()
@@ -540,7 +470,7 @@ class CPERuntime:
         attentions = cross_attention_modules(denoiser)
         wrapped = 0
         for path, attn in attentions:
-            if _is_fused(attn):
+            if is_fused(attn):
                 raise ErasureIntegrityError(
                     f"{path} uses fused to_kv projections, which bypass the active CPE erasure. Call "
                     "`pipe.unfuse_qkv_projections()` or `pipe.disable_cpe_adapters()`."
@@ -580,7 +510,7 @@ class CPERuntime:
         for attn, proj, wrapper in self._slots:
             module = attn._modules.get(proj)
             moved = module is not wrapper and innermost_linear(module)[2] is not wrapper
-            if moved or (attn.__dict__.get("fused_projections", False) and _is_fused(attn)):
+            if moved or (attn.__dict__.get("fused_projections", False) and is_fused(attn)):
                 self.verify(full=True)
                 return
 
@@ -922,86 +852,12 @@ def _after_forward(module: nn.Module, args: tuple, output: Any) -> None:
         _after_forward_impl(module)
 
 
-def _align_hooks(hook: Any) -> list[Any]:
-    """The accelerate hooks inside ``hook`` (a ``SequentialHook`` chains several)."""
-    return list(getattr(hook, "hooks", None) or [hook])
-
-
 def _autocast_state() -> tuple:
     """``torch.autocast`` as it is now on the CPU and CUDA: results made under it differ in dtype
     and bits, so cached projections and remembered routes are kept apart per state."""
     return tuple(
         (torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None) for kind in ("cpu", "cuda")
     )
-
-
-def _carry_offload_hook(source: nn.Module, target: nn.Module) -> None:
-    """Make ``target`` carry exactly the accelerate hook of ``source`` (none if it has none).
-
-    With ``enable_sequential_cpu_offload`` (accelerate's ``cpu_offload``) every module with its own
-    parameters keeps them on the ``meta`` device outside its forward; an ``AlignDevicesHook`` on that
-    module loads them from a CPU copy, keyed by the module's parameter names, just before its forward
-    and drops them after it. A wrapper that takes the place of such a layer (same parameter names)
-    must carry the same hook, and the layer put back on unload must carry the hook the wrapper had
-    (offload may have been enabled, or re-enabled, while the wrapper was in place). The hook's
-    ``original_devices`` (where ``remove_hook_from_module`` puts the weights back) are kept: the
-    hook's ``init_hook`` would otherwise record ``meta`` for the already offloaded weights.
-    """
-    hook = getattr(source, "_hf_hook", None)
-    current = getattr(target, "_hf_hook", None)
-    if current is hook:
-        return
-    if current is not None or hasattr(target, "_old_forward"):
-        from accelerate.hooks import remove_hook_from_module
-
-        # A stale hook (say, from before the offload was re-enabled): its detach puts the weights of
-        # its own CPU copy back on ``target``; the caller sets ``target``'s parameters afterwards.
-        weight, bias = target.weight, target.bias
-        remove_hook_from_module(target)
-        target.weight, target.bias = weight, bias
-    if hook is None:
-        return
-    from accelerate.hooks import add_hook_to_module
-
-    devices = [(h, dict(h.original_devices)) for h in _align_hooks(hook) if hasattr(h, "original_devices")]
-    add_hook_to_module(target, hook)
-    for h, original in devices:
-        h.original_devices = original
-
-
-def _cast_hook(module: nn.Module) -> Any:
-    """diffusers' layerwise-casting hook of ``module`` (``enable_layerwise_casting``), or None."""
-    registry = module.__dict__.get("_diffusers_hook")
-    return None if registry is None else registry.get_hook("layerwise_casting")
-
-
-def _carry_cast_hook(source: nn.Module, target: nn.Module) -> None:
-    """Give ``target`` the layerwise-casting hook ``source`` has (weights stored in a low-precision
-    dtype, cast to the compute dtype around each forward), so the layer that takes ``source``'s place
-    computes in the same dtype. diffusers cannot remove such a hook, so one ``target`` has stays."""
-    hook = _cast_hook(source)
-    if hook is None or _cast_hook(target) is not None:
-        return
-    from diffusers.hooks.layerwise_casting import apply_layerwise_casting_hook
-
-    apply_layerwise_casting_hook(target, hook.storage_dtype, hook.compute_dtype, hook.non_blocking)
-
-
-def adapter_placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype an adapter for ``module`` should live on.
-
-    Under accelerate's sequential CPU offload the module's parameters sit on the ``meta`` device
-    between forwards; the adapter then stays on the CPU and follows the loaded weights to the
-    execution device at the first forward (``CPERuntime.residual``). Under diffusers' layerwise
-    casting the weights are stored in a low-precision dtype and computed in another: the adapter
-    takes the compute dtype (it is never stored rounded to, say, float8).
-    """
-    reference = next(module.parameters())
-    device = reference.device
-    if device.type == "meta":
-        device = next((p.device for p in module.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    cast = next((hook for m in module.modules() if (hook := _cast_hook(m)) is not None), None)
-    return device, reference.dtype if cast is None else cast.compute_dtype
 
 
 def get_runtime(denoiser: nn.Module, create: bool = False) -> CPERuntime | None:

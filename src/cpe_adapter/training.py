@@ -41,7 +41,7 @@ from .losses import (
     residual_energy,
 )
 from .recipes import augment_targets
-from .runtime import denoiser_of, find_target_layers
+from .targets import denoiser_of, find_target_layers
 from .training_data import PromptSet, build_prompt_set
 from .training_plan import (
     ANCHOR_NOISE,

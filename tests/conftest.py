@@ -27,6 +27,8 @@ from fake_hub import fake_hub, offline_hub_cache, populate_hub_cache
 __all__ = [
     "FAST_TRAINING",
     "PROMPT",
+    "SHORT_TRAINING",
+    "adapter_weights",
     "fake_hub",
     "generate",
     "kv_projections",
@@ -51,6 +53,8 @@ FAST_TRAINING = {
     "stages": 4,
     "progress": False,
 }
+# A shorter run of the same settings: three stages, 60 erase steps.
+SHORT_TRAINING = {**FAST_TRAINING, "steps": 60, "stages": 3}
 
 
 def generate(pipe: Any, prompt: str | list[str] = PROMPT, seed: int = 0, **kwargs: Any) -> np.ndarray:
@@ -144,3 +148,8 @@ def kv_projections(pipe: Any, embeds: torch.Tensor) -> torch.Tensor:
         for _, attn in cross_attention_modules(pipe.unet):
             outs += [attn.to_k(embeds), attn.to_v(embeds)]
     return torch.cat(outs, dim=-1)
+
+
+def adapter_weights(adapter: CPEAdapter) -> dict[str, torch.Tensor]:
+    """Every tensor of ``adapter`` under its file name (to compare two trained adapters bit for bit)."""
+    return adapter.file_state_dict()

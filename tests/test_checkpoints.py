@@ -9,21 +9,17 @@ import json
 import pytest
 import torch
 
-from conftest import FAST_TRAINING
-from cpe_adapter import CPEAdapter, CPEAdapterError
+from conftest import SHORT_TRAINING, adapter_weights
+from cpe_adapter import CPEAdapterError
 from cpe_adapter.testing import tiny_pipeline
 from cpe_adapter.training import train_cpe
 
-SMALL = {**FAST_TRAINING, "steps": 60, "stages": 3}
+SMALL = SHORT_TRAINING
 
 
 @pytest.fixture(scope="module")
 def pipe():
     return tiny_pipeline("sd")
-
-
-def _weights(adapter: CPEAdapter) -> dict[str, torch.Tensor]:
-    return adapter.file_state_dict()
 
 
 class _Stop(Exception):
@@ -35,7 +31,7 @@ def test_resume_from_a_stage_checkpoint_equals_an_uninterrupted_run(pipe, tmp_pa
     """Also with discrete adversaries, whose found prompts are part of the checkpointed state."""
     SMALL = {**globals()["SMALL"], **searches}
     concepts = ["Van Gogh", "Monet"]
-    uninterrupted = _weights(train_cpe(pipe, concepts, preset="styles", seed=3, **SMALL))
+    uninterrupted = adapter_weights(train_cpe(pipe, concepts, preset="styles", seed=3, **SMALL))
 
     def stop_after_second_concepts_first_stage(stage, step, logs):
         if logs["phase"] == "stage_end" and logs["concept_index"] == 1 and stage == 0:
@@ -66,13 +62,13 @@ def test_resume_from_a_stage_checkpoint_equals_an_uninterrupted_run(pipe, tmp_pa
 
     resumed = train_cpe(pipe, concepts, preset="styles", seed=3, resume_from=tmp_path, callback=record, **SMALL)
     assert ran == {(1, 1), (1, 2)}, "only the second concept's remaining stages run again"
-    weights = _weights(resumed)
+    weights = adapter_weights(resumed)
     assert all(torch.equal(uninterrupted[k], weights[k]) for k in uninterrupted)
     assert len(resumed.config.training["history"]["Monet"]) == 3
     with pytest.raises(CPEAdapterError, match="another training run"):
         train_cpe(pipe, concepts, preset="styles", seed=4, resume_from=tmp_path, **SMALL)
     # A finished run resumes to the same adapter at once; a lost tensor file is reported clearly.
-    again = _weights(train_cpe(pipe, concepts, preset="styles", seed=3, resume_from=tmp_path, **SMALL))
+    again = adapter_weights(train_cpe(pipe, concepts, preset="styles", seed=3, resume_from=tmp_path, **SMALL))
     assert all(torch.equal(again[k], weights[k]) for k in weights)
     (tmp_path / json.loads((tmp_path / "trainer_state.json").read_text())["concepts"]["1"]["file"]).unlink()
     with pytest.raises(CPEAdapterError, match="incomplete"):
@@ -96,7 +92,7 @@ def test_resume_on_another_pipeline_of_the_same_name_is_refused(pipe, tmp_path):
 def test_a_crash_between_the_two_checkpoint_writes_resumes_exactly(pipe, tmp_path, monkeypatch):
     from cpe_adapter import checkpoints
 
-    uninterrupted = _weights(train_cpe(pipe, "Van Gogh", preset="styles", seed=3, **SMALL))
+    uninterrupted = adapter_weights(train_cpe(pipe, "Van Gogh", preset="styles", seed=3, **SMALL))
     write = checkpoints.atomic_write_bytes
     states = itertools.count()
 
@@ -109,7 +105,7 @@ def test_a_crash_between_the_two_checkpoint_writes_resumes_exactly(pipe, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         train_cpe(pipe, "Van Gogh", preset="styles", seed=3, checkpoint_dir=tmp_path, **SMALL)
     monkeypatch.undo()
-    resumed = _weights(train_cpe(pipe, "Van Gogh", preset="styles", seed=3, resume_from=tmp_path, **SMALL))
+    resumed = adapter_weights(train_cpe(pipe, "Van Gogh", preset="styles", seed=3, resume_from=tmp_path, **SMALL))
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
 
 

@@ -17,7 +17,7 @@ def pipe():
     return tiny_pipeline("sd")
 
 
-def test_low_rank_losses_equal_explicitkv_projections(pipe):
+def test_low_rank_losses_equal_explicit_projections(pipe):
     """``u G u + 2<h, uM> + hQh`` equals the layer-weighted error of the real projections plus residual."""
     layers = find_target_layers(pipe.unet)
     stack = build_stack(pipe.unet, layers, 77, "cpu")

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import cpe_adapter
-from conftest import FAST_TRAINING, kv_projections
-from cpe_adapter import CPEAdapter, CPEAdapterError
+from conftest import FAST_TRAINING, SHORT_TRAINING, adapter_weights, kv_projections
+from cpe_adapter import CPEAdapterError
 from cpe_adapter.config import ConceptSpec
 from cpe_adapter.gate import gate_values
 from cpe_adapter.losses import build_stack
@@ -51,11 +51,7 @@ def _weighted_norm(x: torch.Tensor, column_weight: torch.Tensor) -> torch.Tensor
     return (x.pow(2) * column_weight).sum().sqrt()
 
 
-def _weights(adapter: CPEAdapter) -> dict[str, torch.Tensor]:
-    return adapter.file_state_dict()
-
-
-# ----------------------------------------------------------------------------- loss math
+# ------------------------------------------------------------------------------- encoding
 def test_encoding_equals_what_generation_uses():
     sdxl = tiny_pipeline("sdxl")
     prompts = ["a photo of a cat", "", "a painting by Monet"]
@@ -185,15 +181,15 @@ def test_callback_and_config_record_the_run(pipe, trained):
 
 
 # ------------------------------------------------------------------------ determinism/resume
-SMALL = {**FAST, "steps": 60, "stages": 3}
+SMALL = SHORT_TRAINING
 
 
-def test_same_seed_same_weights_other_seed_other_weights(pipe):
+def test_same_seed_same_weights_other_seed_otheradapter_weights(pipe):
     torch.manual_seed(123)
-    first = _weights(train_cpe(pipe, "Van Gogh", preset="styles", seed=7, **SMALL))
+    first = adapter_weights(train_cpe(pipe, "Van Gogh", preset="styles", seed=7, **SMALL))
     torch.manual_seed(999)
-    second = _weights(train_cpe(pipe, "Van Gogh", preset="styles", seed=7, **SMALL))
-    other = _weights(train_cpe(pipe, "Van Gogh", preset="styles", seed=8, **SMALL))
+    second = adapter_weights(train_cpe(pipe, "Van Gogh", preset="styles", seed=7, **SMALL))
+    other = adapter_weights(train_cpe(pipe, "Van Gogh", preset="styles", seed=8, **SMALL))
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not torch.equal(first["gate.A"], other["gate.A"])
     assert not torch.equal(

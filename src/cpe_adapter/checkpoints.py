@@ -2,7 +2,7 @@
 
 A run with ``checkpoint_dir`` writes, at the end of every stage, each concept's parameters,
 adversary and RNG state; ``resume_from`` continues it bit for bit. A checkpoint is refused when
-the run differs (pipeline fingerprint, concepts, plan, seed, layers), when it was written by
+the run differs (pipeline fingerprint, base model, concepts, plan, seed, layers), when it was written by
 another format version, and when its files are missing or corrupt. Only safetensors and JSON.
 """
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["adapter_placement", "carry_cast_hook", "carry_offload_hook"]
+__all__ = ["adapter_placement", "align_hooks", "carry_cast_hook", "carry_offload_hook", "cast_hook"]
 
 
 def align_hooks(hook: Any) -> list[Any]:

@@ -16,7 +16,14 @@ from torch import nn
 from .config import TargetLayer
 from .errors import CPEAdapterError
 
-__all__ = ["cross_attention_modules", "denoiser_of", "find_target_layers", "innermost_linear", "is_fused"]
+__all__ = [
+    "PROJECTED_TEXT",
+    "cross_attention_modules",
+    "denoiser_of",
+    "find_target_layers",
+    "innermost_linear",
+    "is_fused",
+]
 
 
 def denoiser_of(pipe_or_model: Any) -> nn.Module:

@@ -23,6 +23,7 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
 )
 
+import cpe_adapter
 from conftest import random_adapter
 from cpe_adapter import CPEAdapter, CPEAdapterError, IncompatibleAdapterError
 from cpe_adapter.layer import CPELinear
@@ -310,3 +311,55 @@ def test_mmdit_denoisers_are_refused_with_a_pointer_to_the_design(kind: str) -> 
     with pytest.raises(CPEAdapterError, match="no cross-attention layers"):
         CPEAdapter.for_pipeline(transformer, ["van gogh"])
     assert not any(isinstance(m, CPELinear) for m in transformer.modules())
+
+
+def test_unets_reading_text_through_added_key_value_projections_are_refused() -> None:
+    """DeepFloyd IF / unCLIP blocks feed the text to add_k_proj/add_v_proj; their to_k/to_v see the image."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        cross_attention_dim=32,
+        encoder_hid_dim=24,
+        encoder_hid_dim_type="text_proj",
+        attention_head_dim=8,
+        norm_num_groups=8,
+        resnet_time_scale_shift="scale_shift",
+    )
+    with pytest.raises(CPEAdapterError, match=r"add_k_proj/add_v_proj.*DeepFloyd IF or unCLIP"):
+        CPEAdapter.for_pipeline(unet, ["van gogh"])
+    sd_adapter = CPEAdapter.for_pipeline(_pipe("sd2"), ["van gogh"])
+    with pytest.raises(CPEAdapterError, match="add_k_proj/add_v_proj"):
+        cpe_adapter.load_cpe_adapter(unet, sd_adapter)
+    assert get_runtime(unet) is None
+    assert not any(isinstance(m, CPELinear) for m in unet.modules())
+
+
+class _StoredInBfloat16(torch.nn.Linear):
+    """A linear layer with a forward of its own (weights stored in bfloat16, computed in the input's
+    dtype), as quantized layers (GGUF, bitsandbytes, quanto) are."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+def test_projections_with_a_forward_of_their_own_are_refused_and_the_pipeline_keeps_working() -> None:
+    pipe = tiny_pipeline("sd")
+    adapter = random_adapter(pipe)
+    attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    stored = _StoredInBfloat16(attn.to_k.in_features, attn.to_k.out_features, bias=attn.to_k.bias is not None)
+    stored.weight = torch.nn.Parameter(attn.to_k.weight.detach().to(torch.bfloat16))
+    attn.to_k = stored
+    before = generate(pipe)
+    with pytest.raises(CPEAdapterError, match=r"to_k is a _StoredInBfloat16, a linear layer with a forward of its own"):
+        pipe.load_cpe_adapter(adapter)
+    assert not pipe.list_cpe_adapters() and attn.to_k is stored
+    np.testing.assert_array_equal(generate(pipe), before)

@@ -510,7 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = command("demo", cmd_demo, "Offline demo: train, save, reload, stack and evaluate on a tiny pipeline.")
-    p.add_argument("--out", default="outputs/demo", help="where the demo writes its adapters and report")
+    p.add_argument(
+        "--out", default="outputs/demo", help="where the demo writes its adapters and report (default: outputs/demo)"
+    )
     p.add_argument("--steps", type=_positive, help="erase iterations (default: a short schedule)")
     p.add_argument(
         "--kind",

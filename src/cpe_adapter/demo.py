@@ -46,7 +46,8 @@ def run_demo(
             raise
         kind, pipe = "sd", tiny_pipeline("sd")
         notes.append(f"note: {err}; ran on tiny_pipeline('sd'), whose random text encoder gives the figures no meaning")
-    lines = [f"cpe-adapter demo on tiny_pipeline({kind!r}): a short schedule, {steps} erase iterations per concept"]
+    iterations = f"{steps} erase iteration{'s' if steps != 1 else ''}"
+    lines = [f"cpe-adapter demo on tiny_pipeline({kind!r}): a short schedule, {iterations} per concept"]
 
     short = {"steps": steps, "progress": progress, **DEMO_OVERRIDES}
     style = train_cpe(pipe, DEMO_STYLE, preset="styles", templates=templates("styles")[:DEMO_TEMPLATES], **short)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 from importlib import resources
-from importlib.resources.abc import Traversable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+; the annotation is never evaluated
+    from importlib.resources.abc import Traversable
 
 __all__ = [
     "DOMAINS",

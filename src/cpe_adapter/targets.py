@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import TargetLayer
 from .errors import CPEAdapterError
+from .layer import CPELinear
 
 __all__ = [
     "PROJECTED_TEXT",
@@ -24,6 +25,9 @@ __all__ = [
     "innermost_linear",
     "is_fused",
 ]
+
+# Forwards the eraser reproduces: nn.Linear's own, and its wrapper's (already attached).
+_PLAIN_FORWARDS = (nn.Linear.forward, CPELinear.forward)
 
 
 def denoiser_of(pipe_or_model: Any) -> nn.Module:
@@ -71,10 +75,22 @@ def find_target_layers(denoiser: nn.Module) -> list[TargetLayer]:
     """The projections an adapter for this denoiser must cover, with dimensions read from the model."""
     layers = []
     for path, attn in cross_attention_modules(denoiser):
+        if getattr(attn, "added_kv_proj_dim", None) is not None:
+            raise CPEAdapterError(
+                f"{path} reads the text through add_k_proj/add_v_proj, and its to_k/to_v project the image "
+                "(a DeepFloyd IF or unCLIP UNet); cpe-adapter erases the text's to_k/to_v of SD 1.x, SD 2.x and "
+                "SDXL UNets."
+            )
         for proj in ("to_k", "to_v"):
             _, _, linear = innermost_linear(getattr(attn, proj))
             if not isinstance(linear, nn.Linear):
                 raise CPEAdapterError(f"{path}.{proj} is a {type(linear).__name__}, not a linear projection.")
+            if type(linear).forward not in _PLAIN_FORWARDS:
+                raise CPEAdapterError(
+                    f"{path}.{proj} is a {type(linear).__name__}, a linear layer with a forward of its own (a "
+                    "quantized or custom layer, e.g. GGUF, bitsandbytes, quanto); the eraser computes the projection "
+                    "from its weight and bias, so it cannot take that layer's place. Load the UNet unquantized."
+                )
             layers.append(TargetLayer(f"{path}.{proj}", linear.in_features, linear.out_features))
     if not layers:
         raise CPEAdapterError(

@@ -363,3 +363,53 @@ def test_projections_with_a_forward_of_their_own_are_refused_and_the_pipeline_ke
         pipe.load_cpe_adapter(adapter)
     assert not pipe.list_cpe_adapters() and attn.to_k is stored
     np.testing.assert_array_equal(generate(pipe), before)
+
+
+def _tiny_refiner() -> Any:
+    """An SDXL-refiner-like img2img pipeline: only ``text_encoder_2`` (a CLIPTextModelWithProjection)
+    and ``tokenizer_2``, aesthetic-score conditioning."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from cpe_adapter import testing
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tokenizer = testing.tiny_clip_tokenizer()
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            vae=testing._vae(),
+            text_encoder=None,
+            text_encoder_2=CLIPTextModelWithProjection(testing._clip_text_config(tokenizer, 32, projection_dim=32)),
+            tokenizer=None,
+            tokenizer_2=tokenizer,
+            unet=testing._unet(
+                32,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=(2, 4),
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=5 * 8 + 32,
+            ),
+            scheduler=testing._scheduler(),
+            requires_aesthetics_score=True,
+            add_watermarker=False,
+        )
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_a_refiner_with_only_its_second_text_encoder_trains_erases_and_is_red_teamed() -> None:
+    """Its one encoder's output starts with the pooled projection, and it has only ``tokenizer_2``."""
+    pipe = _tiny_refiner()
+    adapter = cpe_adapter.train_cpe(pipe, "Van Gogh", preset="styles", steps=4, progress=False)
+    assert adapter.config.text_embed_dim == 32
+    pipe.load_cpe_adapter(random_adapter(pipe))
+    report = cpe_adapter.evaluate(
+        pipe, ["Van Gogh"], ["Monet"], attack_budget=8, attack_prompts=1, embedding_steps=2, progress=False
+    )
+    assert report.figures["attack_recovery"] is not None and report.figures["attack_best_prompt"]

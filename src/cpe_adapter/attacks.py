@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import CPEAdapterError
+from .training_data import tokenizers_of
 
 if TYPE_CHECKING:
     from .evaluation import KVProbe
@@ -168,9 +169,7 @@ def prompt_attack(
     """
     if budget < 1 or batch_size < 1:
         raise CPEAdapterError(f"budget and batch_size must be positive, got {budget} and {batch_size}.")
-    tokenizer = getattr(probe.pipe, "tokenizer", None)
-    if tokenizer is None:
-        raise CPEAdapterError("The prompt attack needs the pipeline's tokenizer (`pipe.tokenizer`), which is None.")
+    tokenizer = tokenizers_of(probe.pipe)[0]  # SDXL refiners have only ``tokenizer_2``
     target_embeds = probe.encode([prompt])
     reference = probe.project(target_embeds, original=True)
     start_distance = float(_distances(probe, target_embeds, reference)[0])

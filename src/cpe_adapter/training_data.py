@@ -56,7 +56,10 @@ def tokenizers_of(pipe: Any) -> list[Any]:
     found = [getattr(pipe, name, None) for name in ("tokenizer", "tokenizer_2")]
     found = [t for t in found if t is not None]
     if not found:
-        raise CPEAdapterError(f"{type(pipe).__name__} has no tokenizer; training needs the pipeline's text encoder.")
+        raise CPEAdapterError(
+            f"{type(pipe).__name__} has no tokenizer (`tokenizer` or `tokenizer_2`); cpe-adapter reads prompts with "
+            "the pipeline's own tokenizer and text encoder."
+        )
     return found
 
 
@@ -187,7 +190,9 @@ def name_embeddings(pipe: Any, names: Sequence[str], *, batch_size: int = 256) -
                 chunk = order[start : start + batch_size]
                 batch = tokenizer([names[i] for i in chunk], padding="longest", truncation=True, return_tensors="pt")
                 ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-                hidden = encoder(input_ids=ids, attention_mask=mask)[0].float()
+                # ``last_hidden_state`` by name: element 0 of a CLIPTextModelWithProjection's output is its
+                # pooled projection (an SDXL refiner's only encoder).
+                hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
                 weights = mask.unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
                 if result.shape[1] == 0:

@@ -31,7 +31,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from conftest import random_adapter
-from cpe_adapter import CPEAdapter, ErasureIntegrityError
+from cpe_adapter import CPEAdapter, ErasureIntegrityError, IncompatibleAdapterError
 from cpe_adapter.layer import CPELinear
 from cpe_adapter.runtime import get_runtime
 from cpe_adapter.testing import tiny_pipeline
@@ -713,3 +713,42 @@ def test_multicontrolnet_nets_are_erased_also_when_edited_in_place(pipe: Any) ->
     edited.enable_cpe_adapters()
     edited.unload_cpe_adapter()
     assert all(get_runtime(net) is None for net in (first, second))
+
+
+def test_a_refused_controlnet_blocks_only_its_own_pipeline(pipe: Any) -> None:
+    """A ControlNet with a cross-attention layer the UNet lacks is refused on its pipeline; the
+    pipelines sharing the UNet keep working, and unloading never fails half-way."""
+    unet = pipe.unet.config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(9)
+        deeper = ControlNetModel(  # two transformer layers per block: layers the UNet does not have
+            in_channels=unet.in_channels,
+            block_out_channels=unet.block_out_channels,
+            layers_per_block=unet.layers_per_block,
+            down_block_types=unet.down_block_types,
+            cross_attention_dim=unet.cross_attention_dim,
+            attention_head_dim=unet.attention_head_dim,
+            norm_num_groups=unet.norm_num_groups,
+            transformer_layers_per_block=2,
+            conditioning_embedding_out_channels=(16, 32, 48, 64),
+        ).eval()
+    pipe.load_cpe_adapter(random_adapter(pipe, seed=1), "a")
+    pipe.load_cpe_adapter(random_adapter(pipe, seed=2), "b")
+    with_deeper = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=deeper)
+    with_deeper.set_progress_bar_config(disable=True)
+    with pytest.raises(IncompatibleAdapterError, match="no weights for"):
+        with_deeper.enable_cpe_adapters()
+    with pytest.raises(IncompatibleAdapterError, match="no weights for"):
+        with_deeper.load_cpe_adapter(random_adapter(pipe, seed=3), "c")
+    assert pipe.list_cpe_adapters().keys() == {"a", "b"}
+    with pytest.raises(ErasureIntegrityError):
+        generate(with_deeper, image=CONTROL)
+
+    pipe.set_cpe_adapters(["a"])
+    pipe.enable_cpe_adapters()
+    pipe.unload_cpe_adapter("b")
+    name = pipe.load_cpe_adapter(random_adapter(pipe, seed=3), "c")
+    assert name == "c" and pipe.get_active_cpe_adapters() == ["a", "c"]
+    with_deeper.unload_cpe_adapter("c")
+    assert pipe.list_cpe_adapters().keys() == {"a"}
+    assert get_runtime(deeper) is None

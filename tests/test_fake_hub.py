@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import httpx2
 import pytest
 from huggingface_hub import HfApi, constants, hf_api, hf_hub_download, hf_hub_url, snapshot_download
 from huggingface_hub.errors import (
@@ -26,6 +25,12 @@ from fake_hub import (
     offline_hub_cache,
     populate_hub_cache,
 )
+
+# The HTTP client of the installed huggingface_hub: httpx2 from 2.0 on, httpx before.
+try:
+    import httpx2 as http_client
+except ImportError:
+    import httpx as http_client
 
 __all__ = ["fake_hub", "offline_hub_cache"]
 
@@ -198,7 +203,7 @@ def test_disconnect_fault_drops_the_connection_without_an_answer(fake_hub: FakeH
     fake_hub.add_file(REPO, "config.json", b"{}")
     fake_hub.fail(f"/api/models/{REPO}", mode="disconnect", times=1)
 
-    with pytest.raises(httpx2.RemoteProtocolError):
+    with pytest.raises(http_client.RemoteProtocolError):
         HfApi().model_info(REPO)
 
     assert HfApi().model_info(REPO).sha == fake_hub.resolve(REPO)
@@ -237,7 +242,7 @@ def test_fake_hub_runs_standalone_with_an_explicit_endpoint(monkeypatch: pytest.
         path = hf_hub_download("acme/standalone", "a.txt", endpoint=hub.url, cache_dir=tmp_path, token=False)
         assert Path(path).read_text() == "hello"
 
-    with pytest.raises(httpx2.ConnectError):
+    with pytest.raises(http_client.ConnectError):
         get_session().get(f"{hub.url}/api/models/acme/standalone")
 
 

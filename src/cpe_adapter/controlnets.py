@@ -60,18 +60,23 @@ def remember_pipeline(pipe: Any, denoiser: nn.Module) -> None:
 
 
 @torch.inference_mode(False)  # companions are adapters too: never inference tensors
-def sync_companions(pipe: Any, runtime: CPERuntime | None) -> None:
+def sync_companions(pipe: Any, runtime: CPERuntime | None, strict: bool = True) -> None:
     """Give every ControlNet next to the UNet the erasure of the UNet, restricted to its own layers.
 
     A ControlNet made from the UNet carries copies of its cross-attention layers (same names) and
     reads the same prompt, so it is erased like the UNet; its runtime follows the UNet's active
     set, scales and switch. The ControlNets are those of ``pipe`` and of every other live pipeline
     holding the same UNet, and every ControlNet that already follows this UNet.
+
+    A ControlNet of ``pipe`` whose layers the UNet lacks is refused (:class:`CPEAdapterError`, raised
+    before any other ControlNet is touched) when ``strict``. One of another pipeline, or any one when
+    not ``strict`` (unloading), is left as it is: the UNet refuses its residuals until a call on its
+    own pipeline erases it, and it does not block calls on the pipelines that do not hold it.
     """
     denoiser = denoiser_of(pipe)
     holders = [h for h in [pipe, *_pipelines_of(denoiser)] if h is pipe or denoiser_of_or_none(h) is denoiser]
     nets: list[nn.Module] = []
-    for holder in holders:
+    for holder in holders:  # ``pipe`` first: its own ControlNets are checked before anything changes
         nets.extend(n for n in _controlnets(holder) if all(n is not m for m in nets))
     multis = [m for m in map(_multi_controlnet, holders) if m is not None]
     if runtime is None or not runtime.adapters:
@@ -80,7 +85,13 @@ def sync_companions(pipe: Any, runtime: CPERuntime | None) -> None:
             if companion is not None and (runtime is None or companion.primary in (None, runtime)):
                 remove_runtime(net)
         return
-    erase_controlnets(runtime, nets)
+    own = _controlnets(pipe)
+    for net in nets:
+        try:
+            erase_controlnets(runtime, [net])
+        except CPEAdapterError:
+            if strict and any(net is n for n in own):
+                raise
     for multi in multis:
         if MULTI_HOOK_ATTR not in multi.__dict__:
             multi.__dict__[MULTI_HOOK_ATTR] = multi.register_forward_pre_hook(_erase_nets_added_in_place)

@@ -132,13 +132,13 @@ def load_cpe_adapter(
     runtime.adapters[name] = adapter
     runtime.scales[name] = float(scale)
     runtime.active.append(name)
-    if not isinstance(pipe, nn.Module):
-        remember_pipeline(pipe, denoiser)
     try:
         sync_companions(pipe, runtime)
     except CPEAdapterError:
         unload_cpe_adapter(pipe, name)
         raise
+    if not isinstance(pipe, nn.Module):
+        remember_pipeline(pipe, denoiser)
     return name
 
 
@@ -205,10 +205,10 @@ def set_cpe_adapters(pipe: Any, adapter_names: str | Sequence[str], scales: Scal
 
 
 def _follow_controlnets(pipe: Any, runtime: CPERuntime) -> None:
-    """Remember ``pipe`` as a holder of the UNet and erase its ControlNets (raises before any change)."""
+    """Erase ``pipe``'s ControlNets (raises before any change), then remember ``pipe`` as a holder of the UNet."""
+    sync_companions(pipe, runtime)
     if not isinstance(pipe, nn.Module):
         remember_pipeline(pipe, runtime.denoiser_ref())
-    sync_companions(pipe, runtime)
 
 
 @contextlib.contextmanager
@@ -289,7 +289,9 @@ def unload_cpe_adapter(pipe: Any, adapter_names: str | Sequence[str] | None = No
             if controlnet is not None and get_runtime(controlnet) is companion:
                 remove_runtime(controlnet)
         runtime.companions.clear()
-    sync_companions(pipe, runtime if runtime.adapters else None)
+    # Not strict: a ControlNet the remaining adapters cannot erase stays refused by the UNet (fail
+    # closed), and unloading never fails half-way.
+    sync_companions(pipe, runtime if runtime.adapters else None, strict=False)
 
 
 def save_cpe_adapter(

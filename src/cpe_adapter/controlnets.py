@@ -92,6 +92,7 @@ def sync_companions(pipe: Any, runtime: CPERuntime | None, strict: bool = True) 
         except CPEAdapterError:
             if strict and any(net is n for n in own):
                 raise
+    erase_controlnets(runtime, [])  # every companion up to date and the runtime bumped, whatever was refused
     for multi in multis:
         if MULTI_HOOK_ATTR not in multi.__dict__:
             multi.__dict__[MULTI_HOOK_ATTR] = multi.register_forward_pre_hook(_erase_nets_added_in_place)

@@ -715,13 +715,12 @@ def test_multicontrolnet_nets_are_erased_also_when_edited_in_place(pipe: Any) ->
     assert all(get_runtime(net) is None for net in (first, second))
 
 
-def test_a_refused_controlnet_blocks_only_its_own_pipeline(pipe: Any) -> None:
-    """A ControlNet with a cross-attention layer the UNet lacks is refused on its pipeline; the
-    pipelines sharing the UNet keep working, and unloading never fails half-way."""
+def deeper_controlnet(pipe: Any) -> ControlNetModel:
+    """A ControlNet with two transformer layers per block: cross-attention layers the UNet does not have."""
     unet = pipe.unet.config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(9)
-        deeper = ControlNetModel(  # two transformer layers per block: layers the UNet does not have
+        return ControlNetModel(
             in_channels=unet.in_channels,
             block_out_channels=unet.block_out_channels,
             layers_per_block=unet.layers_per_block,
@@ -732,6 +731,12 @@ def test_a_refused_controlnet_blocks_only_its_own_pipeline(pipe: Any) -> None:
             transformer_layers_per_block=2,
             conditioning_embedding_out_channels=(16, 32, 48, 64),
         ).eval()
+
+
+def test_a_refused_controlnet_blocks_only_its_own_pipeline(pipe: Any) -> None:
+    """A ControlNet with a cross-attention layer the UNet lacks is refused on its pipeline; the
+    pipelines sharing the UNet keep working, and unloading never fails half-way."""
+    deeper = deeper_controlnet(pipe)
     pipe.load_cpe_adapter(random_adapter(pipe, seed=1), "a")
     pipe.load_cpe_adapter(random_adapter(pipe, seed=2), "b")
     with_deeper = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=deeper)
@@ -752,3 +757,30 @@ def test_a_refused_controlnet_blocks_only_its_own_pipeline(pipe: Any) -> None:
     with_deeper.unload_cpe_adapter("c")
     assert pipe.list_cpe_adapters().keys() == {"a"}
     assert get_runtime(deeper) is None
+
+
+def test_an_unseen_multicontrolnet_mixing_an_erased_net_with_a_new_one_is_refused(pipe: Any) -> None:
+    """The UNet sees only the sum of a multi's residuals, so the erased net must not vouch for its sibling."""
+    erased_net, new_net = controlnet_for(pipe.unet, 5), controlnet_for(pipe.unet, 6)
+    single = StableDiffusionControlNetPipeline(**pipe.components, controlnet=erased_net)
+    single.load_cpe_adapter(random_adapter(pipe), "eraser")
+    unseen = multi_pipeline(pipe, [erased_net, new_net])
+    with pytest.raises(ErasureIntegrityError, match="MultiControlNetModel runs 1 ControlNet"):
+        generate(unseen, image=[CONTROL, CONTROL])
+    unseen.enable_cpe_adapters()
+    assert get_runtime(new_net) is not None
+    erased = generate(unseen, image=[CONTROL, CONTROL])
+    unseen.disable_cpe_adapters()
+    assert differs(generate(unseen, image=[CONTROL, CONTROL]), erased), "disabled: every residual is welcome"
+
+
+def test_a_multicontrolnet_with_one_net_that_cannot_be_erased_is_refused_whole(pipe: Any) -> None:
+    """The refusal comes before any net is erased, so the erasable net cannot vouch for the other."""
+    erasable, deeper = controlnet_for(pipe.unet, 5), deeper_controlnet(pipe)
+    pipe.load_cpe_adapter(random_adapter(pipe), "eraser")
+    multi = multi_pipeline(pipe, [erasable, deeper])
+    with pytest.raises(IncompatibleAdapterError, match="no weights for"):
+        multi.enable_cpe_adapters()
+    assert get_runtime(erasable) is None and get_runtime(deeper) is None
+    with pytest.raises(ErasureIntegrityError):
+        generate(multi, image=[CONTROL, CONTROL])

@@ -167,14 +167,18 @@ class CPEAdapter(nn.Module):
             if not bool(torch.isfinite(param.detach()).all()):
                 raise AdapterFileError(f"Adapter weight {name!r} {problem}")
 
-    def restricted_to(self, layers: Sequence[TargetLayer]) -> CPEAdapter:
-        """A copy holding only ``layers`` (e.g. a ControlNet's copy of some UNet layers), gates included."""
+    def check_covers(self, layers: Sequence[TargetLayer]) -> None:
+        """Raise :class:`IncompatibleAdapterError` unless the adapter has weights for every one of ``layers``."""
         names = {t.name for t in self.config.target_layers}
         missing = [t.name for t in layers if t.name not in names]
         if missing:
             raise IncompatibleAdapterError(
                 f"The adapter has no weights for {missing[:3]} ({len(missing)} layers); it was made for another layout."
             )
+
+    def restricted_to(self, layers: Sequence[TargetLayer]) -> CPEAdapter:
+        """A copy holding only ``layers`` (e.g. a ControlNet's copy of some UNet layers), gates included."""
+        self.check_covers(layers)
         config = CPEConfig.from_dict({**self.config.to_dict(), "target_layers": [t.__dict__ for t in layers]})
         tensors = self.file_state_dict()
         kept = {k: v for k, v in tensors.items() if k.startswith("gate.")}

@@ -12,8 +12,9 @@ those calls has seen holding the same UNet, and, for a ``MultiControlNetModel``,
 ``nets`` list was edited in place (a forward pre-hook on it checks its nets before each call).
 Nothing of diffusers is patched, so a ControlNet can also arrive unseen (``from_pipe``, a new
 pipeline built from ``pipe.components``, ``pipe.controlnet = ...``): the UNet then refuses its
-residuals (:meth:`~cpe_adapter.runtime.CPERuntime.before_forward` fails closed) until one of those
-calls is made on the pipeline that holds it.
+residuals (:meth:`~cpe_adapter.runtime.CPERuntime.before_forward` fails closed), and so does an
+erased ControlNet running in a ``MultiControlNetModel`` next to it, until one of those calls is
+made on the pipeline that holds it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 from .errors import CPEAdapterError
 from .hooks import adapter_placement
 from .runtime import CPERuntime, get_runtime, remove_runtime
-from .targets import denoiser_of
+from .targets import denoiser_of, find_target_layers
 
 
 def _controlnets(pipe: Any) -> list[nn.Module]:
@@ -68,10 +69,10 @@ def sync_companions(pipe: Any, runtime: CPERuntime | None, strict: bool = True) 
     set, scales and switch. The ControlNets are those of ``pipe`` and of every other live pipeline
     holding the same UNet, and every ControlNet that already follows this UNet.
 
-    A ControlNet of ``pipe`` whose layers the UNet lacks is refused (:class:`CPEAdapterError`, raised
-    before any other ControlNet is touched) when ``strict``. One of another pipeline, or any one when
-    not ``strict`` (unloading), is left as it is: the UNet refuses its residuals until a call on its
-    own pipeline erases it, and it does not block calls on the pipelines that do not hold it.
+    A ControlNet of ``pipe`` whose layers the UNet lacks is refused (:class:`CPEAdapterError`) when
+    ``strict``, before any ControlNet is touched. One of another pipeline, or any one when not
+    ``strict`` (unloading), is left as it is: the UNet refuses its residuals until a call on its own
+    pipeline erases it, and it does not block calls on the pipelines that do not hold it.
     """
     denoiser = denoiser_of(pipe)
     holders = [h for h in [pipe, *_pipelines_of(denoiser)] if h is pipe or denoiser_of_or_none(h) is denoiser]
@@ -85,17 +86,30 @@ def sync_companions(pipe: Any, runtime: CPERuntime | None, strict: bool = True) 
             if companion is not None and (runtime is None or companion.primary in (None, runtime)):
                 remove_runtime(net)
         return
-    own = _controlnets(pipe)
-    for net in nets:
-        try:
-            erase_controlnets(runtime, [net])
-        except CPEAdapterError:
-            if strict and any(net is n for n in own):
-                raise
-    erase_controlnets(runtime, [])  # every companion up to date and the runtime bumped, whatever was refused
+    if strict:
+        for net in _controlnets(pipe):
+            check_erasable(runtime, net)
+    erase_controlnets(runtime, [net for net in nets if _erasable(runtime, net)])
     for multi in multis:
         if MULTI_HOOK_ATTR not in multi.__dict__:
             multi.__dict__[MULTI_HOOK_ATTR] = multi.register_forward_pre_hook(_erase_nets_added_in_place)
+
+
+def check_erasable(runtime: CPERuntime, net: nn.Module) -> None:
+    """Raise :class:`CPEAdapterError` unless ``runtime``'s adapters cover every cross-attention layer of
+    ``net`` (a ControlNet already following ``runtime`` passes). Changes nothing."""
+    companion = get_runtime(net)
+    if companion is not None and companion.primary is runtime:
+        return
+    next(iter(runtime.adapters.values())).check_covers(find_target_layers(net))
+
+
+def _erasable(runtime: CPERuntime, net: nn.Module) -> bool:
+    try:
+        check_erasable(runtime, net)
+    except CPEAdapterError:
+        return False
+    return True
 
 
 def erase_controlnets(runtime: CPERuntime, nets: list[nn.Module]) -> None:

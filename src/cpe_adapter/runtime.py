@@ -32,6 +32,7 @@ import contextlib
 import contextvars
 import copy
 import os
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -55,6 +56,8 @@ RUNTIME_ATTR = "_cpe_runtime"
 # Live prompt embeddings whose projections are kept; an entry also goes when its tensor is freed.
 CACHE_ENTRIES = 4
 NO_CACHE_ENV = "CPE_ADAPTER_NO_CACHE"
+# Frames above an erased ControlNet's forward hook searched for a MultiControlNetModel calling it.
+SIBLING_FRAMES = 12
 _no_cache_depth = 0
 
 
@@ -526,6 +529,7 @@ class CPERuntime:
         if self.primary is not None:
             runs = self.primary._companion_runs
             runs.count = getattr(runs, "count", 0) + 1
+            self._check_siblings()
         self._forward_residual.value, self._forward_residual.inside = None, True  # shared within this forward
         self.sync()
         if not self.applies():
@@ -573,6 +577,35 @@ class CPERuntime:
                 "back. Call `pipe.enable_cpe_adapters()` on the pipeline that holds the ControlNet (it erases "
                 "that pipeline's ControlNets too), or `pipe.disable_cpe_adapters()` to run without erasure."
             )
+
+    def _check_siblings(self) -> None:
+        """Fail closed when this erased ControlNet runs inside a ``MultiControlNetModel`` next to a net
+        that does not follow the same erasure.
+
+        The UNet's check (:meth:`_check_controlnets`) sees only the summed residuals of all nets, so one
+        erased net would let an unerased sibling through. A multi that a ``*_cpe_adapter*`` call has
+        seen erases nets put into it before it runs (``controlnets._erase_nets_added_in_place``); one
+        it has not seen (a pipeline built later with ``controlnet=[...]``) is found here, as the
+        ``self`` of the frame that called this net, a few frames up.
+        """
+        net = self.denoiser_ref()
+        frame = sys._getframe(1)
+        for _ in range(SIBLING_FRAMES):
+            frame = frame.f_back
+            if frame is None:
+                return
+            caller = frame.f_locals.get("self")
+            nets = getattr(caller, "nets", None) if isinstance(caller, nn.Module) else None
+            if isinstance(nets, nn.ModuleList) and any(n is net for n in nets):
+                strangers = [n for n in nets if getattr(get_runtime(n), "primary", None) is not self.primary]
+                if strangers and self.primary.applies():
+                    raise ErasureIntegrityError(
+                        f"A MultiControlNetModel runs {len(strangers)} ControlNet(s) that do not carry the active CPE "
+                        "erasure next to one that does; their residuals would bring the erased concepts back. Call "
+                        "`pipe.enable_cpe_adapters()` on the pipeline that holds it (it erases that pipeline's "
+                        "ControlNets too), or `pipe.disable_cpe_adapters()` to run without erasure."
+                    )
+                return
 
     def after_forward(self) -> None:
         """Take the prepared projections back (a direct layer call later re-checks everything)."""

@@ -396,11 +396,7 @@ def _tiny_refiner() -> Any:
             requires_aesthetics_score=True,
             add_watermarker=False,
         )
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return testing.ready_for_tests(pipe)
 
 
 def test_a_refiner_with_only_its_second_text_encoder_trains_erases_and_is_red_teamed() -> None:

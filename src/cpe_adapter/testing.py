@@ -34,6 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 __all__ = [
     "KINDS",
     "MissingSemanticEncoderError",
+    "ready_for_tests",
     "sd15_random_pipeline",
     "sd15_unet",
     "tiny_clip_tokenizer",
@@ -356,6 +357,15 @@ _BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
 KINDS: tuple[str, ...] = tuple(_BUILDERS)
 
 
+def ready_for_tests(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """Every model component in eval mode and the progress bar off, as every pipeline built here."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_pipeline(kind: str = "sd", seed: int = 0) -> DiffusionPipeline:
     """Build a small pipeline of ``kind`` (see ``KINDS``) fully offline, deterministically for ``seed``.
 
@@ -368,10 +378,7 @@ def tiny_pipeline(kind: str = "sd", seed: int = 0) -> DiffusionPipeline:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pipe = _BUILDERS[kind]()
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=True)
+    ready_for_tests(pipe)
     pipe.register_to_config(_name_or_path=f"tiny:{kind}")
     return pipe
 
@@ -426,9 +433,6 @@ def sd15_random_pipeline(seed: int = 0, *, full_vae: bool = True) -> StableDiffu
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=True)
+    ready_for_tests(pipe)
     pipe.register_to_config(_name_or_path="random:sd15")
     return pipe

@@ -77,7 +77,7 @@ def sync_companions(pipe: Any, runtime: CPERuntime | None, strict: bool = True) 
     denoiser = denoiser_of(pipe)
     holders = [h for h in [pipe, *_pipelines_of(denoiser)] if h is pipe or denoiser_of_or_none(h) is denoiser]
     nets: list[nn.Module] = []
-    for holder in holders:  # ``pipe`` first: its own ControlNets are checked before anything changes
+    for holder in holders:
         nets.extend(n for n in _controlnets(holder) if all(n is not m for m in nets))
     multis = [m for m in map(_multi_controlnet, holders) if m is not None]
     if runtime is None or not runtime.adapters:

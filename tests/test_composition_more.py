@@ -11,6 +11,7 @@ import copy
 import gc
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -667,7 +668,7 @@ def test_deepcopy_of_a_controlnet_pipeline_keeps_both_erasures(pipe: Any) -> Non
     twin = copy.deepcopy(control_pipe)
     primary = get_runtime(twin.unet)
     companion = get_runtime(twin.controlnet)
-    assert companion is not None and companion.primary is primary and primary.companions == [companion]
+    assert companion is not None and companion.primary is primary and list(primary.companions) == [companion]
     assert np.array_equal(generate(twin, image=control), erased)
     twin.set_cpe_adapters(["eraser"], scales=[0.0])
     assert np.array_equal(generate(twin, image=control), bare), "the copied ControlNet follows the copied UNet"
@@ -784,3 +785,20 @@ def test_a_multicontrolnet_with_one_net_that_cannot_be_erased_is_refused_whole(p
     assert get_runtime(erasable) is None and get_runtime(deeper) is None
     with pytest.raises(ErasureIntegrityError):
         generate(multi, image=[CONTROL, CONTROL])
+
+
+def test_controlnet_pipelines_dropped_while_the_unet_keeps_its_adapters_are_freed(pipe: Any) -> None:
+    """A server swapping per-request ControlNets must not keep every one it has erased."""
+    pipe.load_cpe_adapter(random_adapter(pipe), "eraser")
+    runtime = get_runtime(pipe.unet)
+    dropped = []
+    for seed in range(3):
+        net = controlnet_for(pipe.unet, seed)
+        holder = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=net)
+        holder.enable_cpe_adapters()
+        assert get_runtime(net) in set(runtime.companions)
+        dropped.append(weakref.ref(net))
+        del net, holder
+    gc.collect()
+    assert all(ref() is None for ref in dropped)
+    assert len(runtime.companions) == 0

@@ -171,3 +171,31 @@ def test_a_selection_made_while_another_thread_prepares_is_never_served_its_proj
         handle.remove()
     assert a_in_forward.is_set() and b_done.is_set()
     assert torch.equal(results["b"], want_b)
+
+
+def test_an_adapter_an_open_block_uses_cannot_be_unloaded_from_any_thread(shared: tuple[Any, Any]) -> None:
+    """The block would otherwise lose that erasure without a word (or, unloading all, every erasure)."""
+    pipe, other = shared
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with cpe_adapter.use_cpe_adapters(other, ["a"]):
+            inside.set()
+            release.wait(timeout=60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert inside.wait(timeout=60)
+        for names in ("a", None):
+            with pytest.raises(cpe_adapter.CPEAdapterError, match=r"\['a'\] are in use by an open `use_cpe_adapters`"):
+                pipe.unload_cpe_adapter(names)
+        assert set(pipe.list_cpe_adapters()) == {"a", "b"}
+    finally:
+        release.set()
+        holder.join(timeout=60)
+    with cpe_adapter.use_cpe_adapters(pipe, ["b"]), pytest.raises(cpe_adapter.CPEAdapterError, match=r"\['b'\]"):
+        pipe.unload_cpe_adapter("b")
+    name = pipe.load_cpe_adapter(random_adapter(pipe, "Monet", seed=3), adapter_name="c")
+    pipe.unload_cpe_adapter(name)  # no block holds it: unloads as before
+    assert set(pipe.list_cpe_adapters()) == {"a", "b"} and pipe.get_active_cpe_adapters() == ["a", "b"]

@@ -127,14 +127,12 @@ def erase_controlnets(runtime: CPERuntime, nets: list[nn.Module]) -> None:
             net.__dict__["_cpe_runtime"] = companion
         if companion.primary is not runtime:
             # It followed another UNet: its adapters (same names, other weights) are not this one's.
-            if companion.primary is not None and companion in companion.primary.companions:
-                companion.primary.companions.remove(companion)
+            if companion.primary is not None:
+                companion.primary.companions.discard(companion)
             companion.adapters.clear()
             companion.primary = runtime
-        if companion not in runtime.companions:
-            runtime.companions.append(companion)
-    runtime.companions[:] = [c for c in runtime.companions if c.denoiser_ref() is not None]
-    for companion in runtime.companions:
+        runtime.companions.add(companion)
+    for companion in list(runtime.companions):
         controlnet = companion.denoiser_ref()
         for name in [n for n in companion.adapters if companion.adapters[n] is not _source(runtime, n, companion)]:
             del companion.adapters[name]

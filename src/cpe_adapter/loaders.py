@@ -276,6 +276,7 @@ def unload_cpe_adapter(pipe: Any, adapter_names: str | Sequence[str] | None = No
     _check_names(runtime, names)
     if len(set(names)) != len(names):
         raise CPEAdapterError(f"Adapter names repeat in {names}; name each adapter to unload once.")
+    runtime.check_not_held(names)
     for name in names:
         runtime.adapters.pop(name)
         runtime.scales.pop(name, None)
@@ -284,7 +285,7 @@ def unload_cpe_adapter(pipe: Any, adapter_names: str | Sequence[str] | None = No
     runtime.bump()
     if not runtime.adapters:
         remove_runtime(denoiser)
-        for companion in runtime.companions:
+        for companion in list(runtime.companions):
             controlnet = companion.denoiser_ref()
             if controlnet is not None and get_runtime(controlnet) is companion:
                 remove_runtime(controlnet)

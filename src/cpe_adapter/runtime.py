@@ -35,7 +35,7 @@ import os
 import sys
 import threading
 import weakref
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,7 +193,9 @@ class CPERuntime:
         # A companion (a ControlNet's copy of the cross-attention) follows its primary (the UNet's
         # runtime) for the active set, scales and the on/off switch; it holds its own layers.
         self.primary = primary
-        self.companions: list[CPERuntime] = []
+        # Held weakly: a ControlNet holds its own runtime (and that runtime its ControlNet), so a
+        # ControlNet dropped with its pipeline goes with its runtime while the UNet keeps its adapters.
+        self.companions: weakref.WeakSet[CPERuntime] = weakref.WeakSet()
         self.layers = find_target_layers(denoiser)
         self.layer_offsets = _offsets([t.out_features for t in self.layers])
         self.adapters: dict[str, CPEAdapter] = {}
@@ -218,6 +220,7 @@ class CPERuntime:
         config = getattr(denoiser, "config", None)
         self._embeds_reach_layers = getattr(config, "encoder_hid_dim_type", None) not in PROJECTED_TEXT
         self._thread_selections = 0
+        self._held: Counter[str] = Counter()  # adapter names chosen by open ``thread_selection`` blocks
         # Per thread: companions (ControlNets) that ran since this denoiser's last forward.
         self._companion_runs = threading.local()
         # Per thread: ``inside`` a denoiser forward, and the residual computed there for autograd,
@@ -250,15 +253,16 @@ class CPERuntime:
             "_thread_selections": 0,
             "_verified": None,  # the copied modules are not watched yet: the copy's first call scans
             "_links": [],  # found again by that scan, in the copied tree
-            "companions": [],
+            "companions": weakref.WeakSet(),
+            "_held": Counter(),
         }
         for key, value in self.__dict__.items():
             if key == "denoiser_ref":
                 new.denoiser_ref = weakref.ref(copy.deepcopy(value(), memo))
             else:
                 new.__dict__[key] = fresh[key] if key in fresh else copy.deepcopy(value, memo)
-        if new.primary is not None and new not in new.primary.companions:
-            new.primary.companions.append(new)
+        if new.primary is not None:
+            new.primary.companions.add(new)
         return new
 
     # ------------------------------------------------------------------------------- state
@@ -313,6 +317,7 @@ class CPERuntime:
         token = _SELECTION.set(current)
         with self._lock:
             self._thread_selections += 1
+            self._held.update(names)
             self.bump()
         try:
             yield
@@ -320,7 +325,19 @@ class CPERuntime:
             _SELECTION.reset(token)
             with self._lock:
                 self._thread_selections -= 1
+                self._held.subtract(names)
+                self._held += Counter()  # drop the names no block holds any more
                 self.bump()
+
+    def check_not_held(self, names: list[str]) -> None:
+        """Refuse to unload adapters that an open ``use_cpe_adapters`` block (in any thread) has chosen:
+        the block would lose their erasure without a word."""
+        held = sorted({name for name in names if self._held[name] > 0})
+        if held:
+            raise CPEAdapterError(
+                f"Adapter(s) {held} are in use by an open `use_cpe_adapters` block (in this or another thread); "
+                "unload them after the block ends."
+            )
 
     def bump(self) -> None:
         """Invalidate every cached projection (adapters, active set, scales or their weights changed)."""
@@ -339,7 +356,7 @@ class CPERuntime:
             for wrapper in self._wrappers:
                 wrapper.__dict__["cpe_active"] = active
                 wrapper.__dict__["cpe_prepared"] = None
-        for companion in self.companions:
+        for companion in list(self.companions):
             companion.bump()
 
     def _snapshot(self) -> tuple:

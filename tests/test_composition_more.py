@@ -802,3 +802,34 @@ def test_controlnet_pipelines_dropped_while_the_unet_keeps_its_adapters_are_free
     gc.collect()
     assert all(ref() is None for ref in dropped)
     assert len(runtime.companions) == 0
+
+
+def test_a_companion_outliving_its_controlnet_is_dropped_on_the_next_call(pipe: Any) -> None:
+    """A wrapped layer kept by the caller holds its ControlNet's runtime, not the ControlNet."""
+    original = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet_for(pipe.unet, 5))
+    original.load_cpe_adapter(random_adapter(pipe), "eraser")
+    twin = copy.deepcopy(original)
+    kept_layer = twin.controlnet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k
+    assert isinstance(kept_layer, CPELinear)
+    twin.controlnet = controlnet_for(pipe.unet, 6)
+    gc.collect()
+    twin.enable_cpe_adapters()
+    runtime = get_runtime(twin.unet)
+    assert [c.denoiser_ref() for c in runtime.companions] == [twin.controlnet]
+    twin.unload_cpe_adapter()
+
+
+def test_the_multicontrolnet_check_keeps_no_caller_object_alive(pipe: Any) -> None:
+    """It reads only a multi's own frame: a caller's dropped objects go when they are dropped."""
+    single = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet_for(pipe.unet, 5))
+    single.load_cpe_adapter(random_adapter(pipe), "eraser")
+
+    def serve() -> bool:
+        scratch = torch.zeros(256, 256)
+        dropped = weakref.ref(scratch)
+        generate(single, image=CONTROL)
+        del scratch
+        gc.collect()
+        return dropped() is None  # asked while this frame still runs
+
+    assert serve()

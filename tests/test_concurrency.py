@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -199,3 +201,25 @@ def test_an_adapter_an_open_block_uses_cannot_be_unloaded_from_any_thread(shared
     name = pipe.load_cpe_adapter(random_adapter(pipe, "Monet", seed=3), adapter_name="c")
     pipe.unload_cpe_adapter(name)  # no block holds it: unloads as before
     assert set(pipe.list_cpe_adapters()) == {"a", "b"} and pipe.get_active_cpe_adapters() == ["a", "b"]
+
+
+def test_a_block_left_in_another_context_gives_its_adapters_back(shared: tuple[Any, Any]) -> None:
+    """A generator stepped from copied contexts (a streaming response in a thread pool) enters its
+    block in one context and leaves it in another."""
+    pipe, _ = shared
+
+    def stream() -> Iterator[int]:
+        with cpe_adapter.use_cpe_adapters(pipe, ["a"]):
+            yield 1
+
+    steps = stream()
+    contextvars.copy_context().run(next, steps)
+    with pytest.raises(StopIteration):
+        contextvars.copy_context().run(next, steps)
+    name = pipe.load_cpe_adapter(random_adapter(pipe, "Monet", seed=4), adapter_name="d")
+    pipe.unload_cpe_adapter(name)
+    with cpe_adapter.use_cpe_adapters(pipe, ["a"]):
+        pass
+    runtime = cpe_adapter.runtime.get_runtime(pipe.unet)
+    assert runtime.thread_selections == 0
+    runtime.check_not_held(["a", "b"])

@@ -134,6 +134,9 @@ def erase_controlnets(runtime: CPERuntime, nets: list[nn.Module]) -> None:
         runtime.companions.add(companion)
     for companion in list(runtime.companions):
         controlnet = companion.denoiser_ref()
+        if controlnet is None:  # its ControlNet is gone (a wrapped layer of it may still hold the runtime)
+            runtime.companions.discard(companion)
+            continue
         for name in [n for n in companion.adapters if companion.adapters[n] is not _source(runtime, n, companion)]:
             del companion.adapters[name]
         device, dtype = adapter_placement(controlnet)

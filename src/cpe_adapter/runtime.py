@@ -322,8 +322,13 @@ class CPERuntime:
         try:
             yield
         finally:
-            _SELECTION.reset(token)
-            with self._lock:
+            try:
+                _SELECTION.reset(token)
+            except ValueError:  # left in another context (a generator stepped from a copied one)
+                left = dict(_SELECTION.get() or {})
+                left.pop(id(self), None)
+                _SELECTION.set(left)
+            with self._lock:  # after the reset: bump() reads the calling thread's selection
                 self._thread_selections -= 1
                 self._held.subtract(names)
                 self._held += Counter()  # drop the names no block holds any more
@@ -611,6 +616,11 @@ class CPERuntime:
             frame = frame.f_back
             if frame is None:
                 return
+            code = frame.f_code
+            # ``f_locals`` only of a multi's ``forward``: reading it stores a snapshot of the frame's
+            # locals on the frame, which would keep a caller's dropped objects alive while it runs.
+            if code.co_name != "forward" or "nets" not in code.co_names:
+                continue
             caller = frame.f_locals.get("self")
             nets = getattr(caller, "nets", None) if isinstance(caller, nn.Module) else None
             if isinstance(nets, nn.ModuleList) and any(n is net for n in nets):

@@ -223,3 +223,14 @@ def test_a_block_left_in_another_context_gives_its_adapters_back(shared: tuple[A
     runtime = cpe_adapter.runtime.get_runtime(pipe.unet)
     assert runtime.thread_selections == 0
     runtime.check_not_held(["a", "b"])
+
+
+def test_a_context_copied_inside_an_ended_block_cannot_switch_erasure_off(shared: tuple[Any, Any]) -> None:
+    """Say an asyncio task started inside ``use_cpe_adapters(pipe, [])``: after the block, a change
+    it makes must be judged by the shared state, not by the choice its copied context still holds."""
+    pipe, _ = shared
+    erased = latents(pipe, PROMPTS["a"])
+    with cpe_adapter.use_cpe_adapters(pipe, []):
+        copied = contextvars.copy_context()
+    copied.run(pipe.set_cpe_adapters, ["a", "b"])
+    np.testing.assert_array_equal(latents(pipe, PROMPTS["a"]), erased)

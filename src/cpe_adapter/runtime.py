@@ -356,8 +356,11 @@ class CPERuntime:
             self._watched = [p for adapter in self.adapters.values() for p in adapter.parameters()]
             self._param_versions = _param_state(self._watched)
             # With per-thread selections, any loaded adapter may act in some thread: every layer
-            # then takes the checked path (never the prepared fast path, which is shared).
-            active = self.enabled and (self.thread_selections > 0 or self.applies())
+            # then takes the checked path (never the prepared fast path, which is shared). Without
+            # one, the shared state decides, never the calling context's: a context copied inside a
+            # block that has ended still holds that block's choice.
+            shared = any(self.scales.get(name, 0.0) != 0.0 for name in self.active)
+            active = self.enabled and (self.thread_selections > 0 or shared)
             for wrapper in self._wrappers:
                 wrapper.__dict__["cpe_active"] = active
                 wrapper.__dict__["cpe_prepared"] = None

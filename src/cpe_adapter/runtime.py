@@ -328,7 +328,7 @@ class CPERuntime:
                 left = dict(_SELECTION.get() or {})
                 left.pop(id(self), None)
                 _SELECTION.set(left)
-            with self._lock:  # after the reset: bump() reads the calling thread's selection
+            with self._lock:  # whatever context the block ends in, its counts come back
                 self._thread_selections -= 1
                 self._held.subtract(names)
                 self._held += Counter()  # drop the names no block holds any more

@@ -121,8 +121,7 @@ def erase_controlnets(runtime: CPERuntime, nets: list[nn.Module]) -> None:
         companion = get_runtime(net)
         if companion is None:
             companion = CPERuntime(net, primary=runtime)
-            first = next(iter(runtime.adapters.values()))
-            first.restricted_to(companion.layers)  # refuses a ControlNet with layers the UNet lacks
+            next(iter(runtime.adapters.values())).check_covers(companion.layers)  # before anything is wrapped
             companion.attach()
             net.__dict__["_cpe_runtime"] = companion
         if companion.primary is not runtime:

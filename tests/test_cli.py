@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -366,10 +367,29 @@ def safe_open_metadata(path: Path) -> dict[str, str]:
 
 
 def test_module_entry_point_and_help() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
     done = subprocess.run(
-        [sys.executable, "-m", "cpe_adapter", "inspect", "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "cpe_adapter", "inspect", "--help"], capture_output=True, text=True, timeout=120, env=env
     )
     assert done.returncode == 0 and "--base" in done.stdout
+    assert "[transformers]" not in done.stderr, done.stderr
+
+
+def test_the_cli_shows_transformers_errors_only_unless_the_user_chose(monkeypatch: Any, capsys: Any) -> None:
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    try:
+        hf_logging.set_verbosity_warning()
+        monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "warning")
+        main(["--version"])
+        assert hf_logging.get_verbosity() == hf_logging.WARNING
+        monkeypatch.delenv("TRANSFORMERS_VERBOSITY")
+        main(["--version"])
+        assert hf_logging.get_verbosity() == hf_logging.ERROR
+    finally:
+        hf_logging.set_verbosity(previous)
+    assert capsys.readouterr().out.strip()
 
 
 def test_cli_reference_is_current() -> None:

@@ -558,8 +558,20 @@ def _version() -> str:
     return __version__
 
 
+def _quiet_transformers() -> None:
+    """Show transformers' errors only (not, for instance, the notice that the image processors
+    diffusers' pipelines import fall back to PIL without torchvision), unless the user set
+    ``TRANSFORMERS_VERBOSITY``. transformers is already imported with this package, so the
+    environment variable would be read too late: set the level directly."""
+    if "TRANSFORMERS_VERBOSITY" in os.environ:
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _quiet_transformers()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import random_adapter
-from cpe_adapter import CPEAdapter, CPEAdapterError
+from cpe_adapter import CPEAdapter, CPEAdapterError, CPEConfig
 from cpe_adapter.cli import main
 from cpe_adapter.testing import tiny_pipeline
 
@@ -99,6 +99,11 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: Any) -> None:
     assert "image format" in capsys.readouterr().err
     assert not (tmp_path / "grid.jpgx").exists()
     assert main(["train", "--base", "tiny:sd", "--erase", "x", "--preset", "bogus", "--out", "o"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'bogus'" in err and "cpe-adapter train --help" in err, err
+    assert main(["generate", "--base", "tiny:sd"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--adapter" in err, "argparse's own errors are one line too"
 
 
 def test_generate_checks_its_arguments_before_any_work(saved_adapter: Path, tmp_path: Path, capsys: Any) -> None:
@@ -201,6 +206,44 @@ def test_eval_writes_the_report_and_the_suite_sets_its_size(saved_adapter: Path,
     assert (quick["settings"]["attack_budget"], full["settings"]["attack_budget"]) == (256, 1024)
     assert (quick["settings"]["embedding_steps"], full["settings"]["embedding_steps"]) == (50, 200)
     assert quick["attack_recovery"] is not None and "attack_recovery" not in full
+
+
+def test_eval_record_puts_the_figures_in_the_folder_and_its_card(
+    saved_adapter: Path, tmp_path: Path, capsys: Any
+) -> None:
+    from cpe_adapter import verify_adapter
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(saved_adapter, folder)
+    (folder / "README.md").write_text("Intended use: moderation.\n", encoding="utf-8")
+    argv = ["eval", "--base", "tiny:sd", "--adapter", str(folder), "--retain", "a red car", "--no-attack"]
+    result = run_json(capsys, *argv, "--record", "--out", str(tmp_path / "o"))
+    config = CPEConfig.from_pretrained(folder)
+    assert config.evaluation["erase_score"] == result["erase_score"]
+    assert config.evaluation["evaluated_with"].startswith("cpe-adapter eval --base tiny:sd --suite quick")
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert f"| erase_score | {result['erase_score']:.4g} |" in card and "Intended use: moderation." in card
+    assert "(not evaluated)" not in card
+    loaded = CPEAdapter.from_pretrained(folder)
+    saved = CPEAdapter.from_pretrained(saved_adapter)
+    assert all(torch.equal(v, saved.file_state_dict()[k]) for k, v in loaded.file_state_dict().items())
+    assert verify_adapter(folder) == [], "the weights keep their recorded hash"
+
+    twin = tmp_path / "twin"
+    shutil.copytree(saved_adapter, twin)
+    assert main([*argv, "--adapter", str(twin), "--record", "--out", str(tmp_path / "o2")]) == 2
+    assert "one saved adapter folder" in capsys.readouterr().err
+    tensors = load_file(twin / "cpe_adapter.safetensors")
+    tensors["gate.v"] = tensors["gate.v"] + 1.0
+    save_file(
+        tensors,
+        twin / "cpe_adapter.safetensors",
+        metadata=safe_open_metadata(saved_adapter / "cpe_adapter.safetensors"),
+    )
+    before = (twin / "cpe_config.json").read_bytes()
+    assert main(["eval", "--base", "tiny:sd", "--adapter", str(twin), "--record", "--out", str(tmp_path / "o3")]) == 2
+    assert "weights_sha256" in capsys.readouterr().err
+    assert (twin / "cpe_config.json").read_bytes() == before and not (tmp_path / "o3" / "report.json").exists()
 
 
 def test_eval_takes_each_concept_once_and_names_unknown_ones(saved_adapter: Path, tmp_path: Path, capsys: Any) -> None:

@@ -71,10 +71,11 @@ def test_save_is_utf8_json(tmp_path):
 def test_unknown_keys_are_ignored_with_a_warning():
     data = {**full_config().to_dict(), "future_knob": 3, "another_one": {"x": 1}}
     data["concepts"][0]["future_concept_field"] = True
+    data["target_layers"][0]["future_layer_field"] = "x"
     with pytest.warns(UserWarning) as caught:
         config = CPEConfig.from_dict(data)
     messages = " ".join(str(w.message) for w in caught)
-    assert "future_knob" in messages and "future_concept_field" in messages
+    assert all(key in messages for key in ("future_knob", "future_concept_field", "future_layer_field"))
     assert config == full_config()
 
 

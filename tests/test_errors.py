@@ -323,6 +323,22 @@ def test_unknown_names(loaded, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_unloading_from_a_pipeline_without_adapters_says_what_to_do() -> None:
+    with pytest.raises(CPEAdapterError, match=r"no CPE adapters are loaded.*load_cpe_adapter") as info:
+        tiny_pipeline("sd").unload_cpe_adapter("vg")
+    assert "'vg'" in str(info.value)
+
+
+def test_the_module_state_dict_is_not_the_file_layout(loaded, good_adapter):
+    load, config = loaded.pipe.load_cpe_adapter, good_adapter.config
+    words = ["gate_a", "file_state_dict()", "load_file"]
+    refused(loaded, CPEAdapterError, words, load, (good_adapter.state_dict(), config), adapter_name="other")
+    tensors = good_adapter.file_state_dict()
+    tensors["gate.v"] = tensors["gate.v"].T.contiguous()
+    words = ["gate.v", "another config", "cpe_config.json"]
+    refused(loaded, CPEAdapterError, words, load, (tensors, config), adapter_name="other")
+
+
 def test_duplicate_name_on_load(loaded, good_folder):
     refused(loaded, CPEAdapterError, ["good", "already loaded"], loaded.pipe.load_cpe_adapter, good_folder, "good")
 

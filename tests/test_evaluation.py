@@ -405,6 +405,20 @@ def test_report_without_images_has_no_image_grid(pipe, tmp_path) -> None:
     assert "image_erase_shift" not in json.loads(paths["json"].read_text())
 
 
+def test_recorded_figures_reach_the_saved_model_card(pipe, tmp_path) -> None:
+    pipe.load_cpe_adapter(random_adapter(pipe), "vg")
+    report = evaluate(pipe, ["Van Gogh"], ["a red car"], attack=False, **FAST)
+    figures = report.card_figures()
+    assert figures == {"erase_score": report.figures["erase_score"], "retain_drift": report.figures["retain_drift"]}
+    pipe.save_cpe_adapter(tmp_path / "before", adapter_name="vg")
+    assert "(not evaluated)" in (tmp_path / "before" / "README.md").read_text(encoding="utf-8")
+    pipe.get_cpe_adapter("vg").config.evaluation = figures
+    pipe.save_cpe_adapter(tmp_path / "after", adapter_name="vg")
+    card = (tmp_path / "after" / "README.md").read_text(encoding="utf-8")
+    assert f"| retain_drift | {figures['retain_drift']:.4g} |" in card and "(not evaluated)" not in card
+    assert CPEAdapter.from_pretrained(tmp_path / "after").config.evaluation == figures
+
+
 # --------------------------------------------------------------------------------------- sharding
 @pytest.mark.parametrize("count", [0, 1, 7, 10])
 @pytest.mark.parametrize("world", [1, 2, 3])

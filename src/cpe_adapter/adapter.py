@@ -132,14 +132,24 @@ class CPEAdapter(nn.Module):
         missing = sorted(set(expected) - set(tensors))
         extra = sorted(set(tensors) - set(expected))
         if missing or extra:
+            if any(name in extra for name, _ in self.named_parameters()):
+                hint = (
+                    "these are the module's own parameters (`CPEAdapter.state_dict()`); pass the file layout, "
+                    "`adapter.file_state_dict()` or `safetensors.torch.load_file(...)` of a saved adapter"
+                )
+            else:
+                hint = "the weights belong to another adapter or config: load them with their own `cpe_config.json`"
             raise AdapterFileError(
-                f"Adapter weights do not match the config: missing {missing[:5]}, unexpected {extra[:5]}."
+                f"Adapter weights do not match the config: missing {missing[:5]}, unexpected {extra[:5]}; {hint}."
             )
         for key, shape in expected.items():
             tensor = tensors[key]
             if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
                 got = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                raise AdapterFileError(f"Adapter tensor {key!r} has shape {got}, expected {list(shape)}.")
+                raise AdapterFileError(
+                    f"Adapter tensor {key!r} has shape {got}, expected {list(shape)}: the file was written for "
+                    "another config (other ranks or dimensions); load it with its own `cpe_config.json`."
+                )
             if tensor.is_meta:
                 raise AdapterFileError(f"Adapter tensor {key!r} is on the meta device: it holds no values.")
             if not tensor.is_floating_point():

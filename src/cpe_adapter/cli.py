@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import CPEAdapterError
 from .recipes import RECIPES
@@ -319,6 +320,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     suite = dict(EVAL_SUITES[args.suite])
     neighbours = suite.pop("retained")
     out = _output_folder(args.out, "the report")
+    recorded = _record_target(args.adapter) if args.record else None
     pipe = load_pipeline(args.base, args.device, args.dtype)
     names = _load_adapters(pipe, args.adapter)
     configs = [c for name, c in __import__("cpe_adapter").list_cpe_adapters(pipe).items() if name in names]
@@ -346,8 +348,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except MissingExtraError as err:  # the text files are written before the plots are tried
         print(f"cpe-adapter eval: warning: plots skipped: {_one_line(err)}", file=sys.stderr)
         wrote = "report.json and report.md"
+    if recorded is not None:
+        recorded.config.evaluation = {**report.card_figures(), "evaluated_with": _eval_command(args)}
+        recorded.save_pretrained(args.adapter[0])
+        wrote += f"; recorded the figures in {args.adapter[0]} (cpe_config.json and README.md)"
     _emit(args, report.to_dict(), report.to_markdown() + f"\nWrote {out}/{wrote}")
     return 0
+
+
+def _record_target(adapters: Sequence[str]) -> Any:
+    """The adapter ``eval --record`` writes its figures into, checked before any work: one local folder
+    saved by ``save_pretrained`` whose weights still match their recorded hash (figures must describe
+    the weights beside them)."""
+    from .config import WEIGHTS_NAME
+    from .hub import load_unchanged_folder
+
+    folder = Path(adapters[0])
+    if len(adapters) != 1 or not (folder / WEIGHTS_NAME).is_file():
+        raise UsageError(
+            f"--record writes the figures into one saved adapter folder (holding {WEIGHTS_NAME}); got --adapter "
+            f"{list(adapters)}. Evaluate a stack without --record, or save the adapter to a folder first."
+        )
+    return load_unchanged_folder(folder)
+
+
+def _eval_command(args: argparse.Namespace) -> str:
+    """How the recorded figures were measured, for the model card."""
+    options = [f"--base {args.base}", f"--suite {args.suite}", f"--seed {args.seed}"]
+    options += [f"--erase {shlex.quote(e)}" for e in args.erase or []]
+    options += [f"--retain {shlex.quote(r)}" for r in args.retain or []]
+    options += ["--no-attack"] * args.no_attack + ["--images"] * args.images
+    return "cpe-adapter eval " + " ".join(options)
 
 
 def _default_retained(pipe: Any, configs: Sequence[Any], erased: Sequence[str], count: int) -> list[str]:
@@ -407,8 +438,16 @@ def _seed(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr, like every other bad input of the CLI
+    (argparse prints its whole usage block first), naming the ``--help`` to read."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cpe-adapter", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="cpe-adapter", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -482,6 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-attack", action="store_true", help="skip the red-teaming attacks")
     p.add_argument("--images", action="store_true", help="also measure image shifts (slower)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="also write the overall figures into the evaluated adapter's folder (its cpe_config.json and model "
+        "card), so that a later push publishes them; needs exactly one --adapter, a saved folder",
+    )
     p.add_argument("--seed", type=_seed, default=0, help="seed of the attacks and images (default 0)")
     p.add_argument("--device")
     p.add_argument("--dtype")

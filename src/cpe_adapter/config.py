@@ -72,14 +72,7 @@ class ConceptSpec:
     def from_dict(cls, data: dict[str, Any]) -> ConceptSpec:
         if not isinstance(data, dict):
             raise CPEAdapterError(f"Each CPEConfig.concepts entry must be an object, got {data!r:.80}.")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            warnings.warn(
-                f"Ignoring unknown keys of a CPEConfig concept (written by a newer version?): {unknown[:10]}",
-                stacklevel=3,
-            )
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**_known_keys(cls, data, "a CPEConfig concept"))
 
     def validate(self) -> None:
         """Names are non-empty strings and ``eta`` a finite number; raises :class:`CPEAdapterError`."""
@@ -96,6 +89,16 @@ class ConceptSpec:
             raise CPEAdapterError(f"eta of concept {self.name!r} must be a finite number, got {self.eta!r:.80}.")
 
 
+def _known_keys(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    """The entries of ``data`` that are fields of ``cls``; the others (written by a newer version) are
+    dropped with a warning, so that an older version still loads the file."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        warnings.warn(f"Ignoring unknown keys of {what} (written by a newer version?): {unknown[:10]}", stacklevel=4)
+    return {k: v for k, v in data.items() if k in known}
+
+
 @dataclass
 class TargetLayer:
     """One wrapped projection: its path relative to the denoiser and its dimensions."""
@@ -108,7 +111,8 @@ class TargetLayer:
     def from_dict(cls, data: dict[str, Any]) -> TargetLayer:
         if not isinstance(data, dict):
             raise CPEAdapterError(f"Each CPEConfig.target_layers entry must be an object, got {data!r:.80}.")
-        return cls(name=data["name"], in_features=data["in_features"], out_features=data["out_features"])
+        known = _known_keys(cls, data, "a CPEConfig target layer")
+        return cls(name=known["name"], in_features=known["in_features"], out_features=known["out_features"])
 
     def validate(self) -> None:
         """A non-empty string name and positive integer dimensions; raises :class:`CPEAdapterError`."""

@@ -342,6 +342,12 @@ class EvalReport:
             )
         return found
 
+    def card_figures(self) -> dict[str, Any]:
+        """The overall figures that are numbers or text, for ``adapter.config.evaluation``: the model
+        card written by ``save_pretrained`` / ``push_to_hub`` shows them (``cpe-adapter eval --record``
+        does this for a saved adapter folder)."""
+        return {k: v for k, v in self.figures.items() if isinstance(v, (int, float, str))}
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe data: overall figures at the top level, then ``per_concept`` and details."""
         return _json_safe(

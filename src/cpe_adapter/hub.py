@@ -335,16 +335,23 @@ def push_adapter(
         with tempfile.TemporaryDirectory() as tmp:
             save_adapter_folder(source, tmp, model_card=False)
             return _upload(Path(tmp), repo_id, source.config, **hub)
+    folder = Path(source)
+    adapter = load_unchanged_folder(folder)
+    return _upload(folder, repo_id, adapter.config, **hub, folder_card=True)
+
+
+def load_unchanged_folder(folder: Path) -> CPEAdapter:
+    """The adapter saved in ``folder``, refused when its weights no longer match the hash its config
+    records (changed after saving): publishing or re-describing it would vouch for unknown weights."""
     from .provenance import verify_adapter
 
-    folder = Path(source)
     adapter = load_adapter(folder)
     recorded = adapter.config.weights_sha256
     if recorded is not None and recorded != adapter.digest():
         raise AdapterFileError(
             f"{folder}: {verify_adapter(adapter)[0]} Re-save it with save_pretrained if the change is yours."
         )
-    return _upload(folder, repo_id, adapter.config, **hub, folder_card=True)
+    return adapter
 
 
 def _upload(

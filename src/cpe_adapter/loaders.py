@@ -267,7 +267,10 @@ def unload_cpe_adapter(pipe: Any, adapter_names: str | Sequence[str] | None = No
     if runtime is None:
         if adapter_names is None:
             return
-        raise CPEAdapterError("No CPE adapters are loaded.")
+        raise CPEAdapterError(
+            f"Cannot unload {adapter_names!r}: no CPE adapters are loaded on this pipeline "
+            "(`list_cpe_adapters(pipe)` lists what is; `load_cpe_adapter(...)` loads one)."
+        )
     names = (
         list(runtime.adapters)
         if adapter_names is None

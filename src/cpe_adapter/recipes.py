@@ -327,7 +327,7 @@ def card_figures(report: Any, paraphrases: Sequence[str] = (), recipe: str | Non
     """The scalar figures of an :class:`~cpe_adapter.evaluation.EvalReport`, ready for
     ``adapter.config.evaluation`` (which the model card renders), with the paraphrases and recipe
     they were measured with, so a card states what "paraphrase" meant."""
-    figures: dict[str, Any] = {k: v for k, v in report.figures.items() if isinstance(v, (int, float, str))}
+    figures = report.card_figures()
     if paraphrases:
         figures["paraphrases_evaluated"] = "; ".join(paraphrases)
     if recipe is not None:

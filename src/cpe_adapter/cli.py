@@ -16,10 +16,13 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import CPEAdapterError
 from .recipes import RECIPES
+
+if TYPE_CHECKING:
+    from .adapter import CPEAdapter
 
 TINY_PREFIX = "tiny:"
 
@@ -356,7 +359,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _record_target(adapters: Sequence[str]) -> Any:
+def _record_target(adapters: Sequence[str]) -> CPEAdapter:
     """The adapter ``eval --record`` writes its figures into, checked before any work: one local folder
     saved by ``save_pretrained`` whose weights still match their recorded hash (figures must describe
     the weights beside them)."""
@@ -374,7 +377,7 @@ def _record_target(adapters: Sequence[str]) -> Any:
 
 def _eval_command(args: argparse.Namespace) -> str:
     """How the recorded figures were measured, for the model card."""
-    options = [f"--base {args.base}", f"--suite {args.suite}", f"--seed {args.seed}"]
+    options = [f"--base {shlex.quote(args.base)}", f"--suite {args.suite}", f"--seed {args.seed}"]
     options += [f"--erase {shlex.quote(e)}" for e in args.erase or []]
     options += [f"--retain {shlex.quote(r)}" for r in args.retain or []]
     options += ["--no-attack"] * args.no_attack + ["--images"] * args.images

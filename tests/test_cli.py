@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import random_adapter
-from cpe_adapter import CPEAdapter, CPEAdapterError, CPEConfig
+from cpe_adapter import CPEAdapter, CPEAdapterError
 from cpe_adapter.cli import main
 from cpe_adapter.testing import tiny_pipeline
 
@@ -214,20 +214,28 @@ def test_eval_record_puts_the_figures_in_the_folder_and_its_card(
     from cpe_adapter import verify_adapter
 
     folder = tmp_path / "adapter"
-    shutil.copytree(saved_adapter, folder)
+    CPEAdapter.from_pretrained(saved_adapter).to(torch.float16).save_pretrained(folder)
     (folder / "README.md").write_text("Intended use: moderation.\n", encoding="utf-8")
+    data = json.loads((folder / "cpe_config.json").read_text(encoding="utf-8"))
+    data["written_by_a_newer_version"] = {"kept": True}
+    (folder / "cpe_config.json").write_text(json.dumps(data), encoding="utf-8")
+    weights = (folder / "cpe_adapter.safetensors").read_bytes()
     argv = ["eval", "--base", "tiny:sd", "--adapter", str(folder), "--retain", "a red car", "--no-attack"]
-    result = run_json(capsys, *argv, "--record", "--out", str(tmp_path / "o"))
-    config = CPEConfig.from_pretrained(folder)
-    assert config.evaluation["erase_score"] == result["erase_score"]
-    assert config.evaluation["evaluated_with"].startswith("cpe-adapter eval --base tiny:sd --suite quick")
+    with pytest.warns(UserWarning, match="written_by_a_newer_version"):
+        result = run_json(capsys, *argv, "--dtype", "float32", "--record", "--out", str(tmp_path / "o"))
+    recorded = json.loads((folder / "cpe_config.json").read_text(encoding="utf-8"))
+    assert recorded["evaluation"]["erase_score"] == result["erase_score"]
+    assert recorded["evaluation"]["evaluated_with"] == (
+        "cpe-adapter eval --base tiny:sd --suite quick --seed 0 --retain 'a red car' --dtype float32 --no-attack"
+    )
+    assert recorded["written_by_a_newer_version"] == {"kept": True}, "keys this version does not know stay"
     card = (folder / "README.md").read_text(encoding="utf-8")
     assert f"| erase_score | {result['erase_score']:.4g} |" in card and "Intended use: moderation." in card
     assert "(not evaluated)" not in card
-    loaded = CPEAdapter.from_pretrained(folder)
-    saved = CPEAdapter.from_pretrained(saved_adapter)
-    assert all(torch.equal(v, saved.file_state_dict()[k]) for k, v in loaded.file_state_dict().items())
-    assert verify_adapter(folder) == [], "the weights keep their recorded hash"
+    assert (folder / "cpe_adapter.safetensors").read_bytes() == weights, "the fp16 weights file is not rewritten"
+    with pytest.warns(UserWarning, match="written_by_a_newer_version"):
+        assert verify_adapter(folder) == [], "the weights keep their recorded hash"
+        assert CPEAdapter.from_pretrained(folder).config.evaluation == recorded["evaluation"]
 
     twin = tmp_path / "twin"
     shutil.copytree(saved_adapter, twin)

@@ -76,6 +76,7 @@ def test_unknown_keys_are_ignored_with_a_warning():
         config = CPEConfig.from_dict(data)
     messages = " ".join(str(w.message) for w in caught)
     assert all(key in messages for key in ("future_knob", "future_concept_field", "future_layer_field"))
+    assert {w.filename for w in caught} == {__file__}, "each warning names the caller's line, not the library's"
     assert config == full_config()
 
 

@@ -467,6 +467,7 @@ def apply_config_edit(config: dict[str, Any], edit: tuple[Any, ...]) -> None:
         target.pop(last, None)
 
 
+@pytest.mark.filterwarnings("ignore:Ignoring unknown keys:UserWarning")  # an edit may add a key: the documented outcome
 @settings(FUZZ, max_examples=50 * SCALE)
 @given(
     edits=st.lists(_config_edit(), min_size=1, max_size=4),

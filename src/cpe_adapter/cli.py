@@ -16,13 +16,10 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from .errors import CPEAdapterError
 from .recipes import RECIPES
-
-if TYPE_CHECKING:
-    from .adapter import CPEAdapter
 
 TINY_PREFIX = "tiny:"
 
@@ -323,7 +320,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     suite = dict(EVAL_SUITES[args.suite])
     neighbours = suite.pop("retained")
     out = _output_folder(args.out, "the report")
-    recorded = _record_target(args.adapter) if args.record else None
+    if args.record:
+        _check_record_target(args.adapter)
     pipe = load_pipeline(args.base, args.device, args.dtype)
     names = _load_adapters(pipe, args.adapter)
     configs = [c for name, c in __import__("cpe_adapter").list_cpe_adapters(pipe).items() if name in names]
@@ -351,18 +349,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except MissingExtraError as err:  # the text files are written before the plots are tried
         print(f"cpe-adapter eval: warning: plots skipped: {_one_line(err)}", file=sys.stderr)
         wrote = "report.json and report.md"
-    if recorded is not None:
-        recorded.config.evaluation = {**report.card_figures(), "evaluated_with": _eval_command(args)}
-        recorded.save_pretrained(args.adapter[0])
+    if args.record:
+        from .hub import record_evaluation
+
+        record_evaluation(args.adapter[0], {**report.card_figures(), "evaluated_with": _eval_command(args)})
         wrote += f"; recorded the figures in {args.adapter[0]} (cpe_config.json and README.md)"
     _emit(args, report.to_dict(), report.to_markdown() + f"\nWrote {out}/{wrote}")
     return 0
 
 
-def _record_target(adapters: Sequence[str]) -> CPEAdapter:
-    """The adapter ``eval --record`` writes its figures into, checked before any work: one local folder
-    saved by ``save_pretrained`` whose weights still match their recorded hash (figures must describe
-    the weights beside them)."""
+def _check_record_target(adapters: Sequence[str]) -> None:
+    """Check, before any work, what ``eval --record`` writes its figures into: one local folder saved
+    by ``save_pretrained`` whose weights still match their recorded hash (figures must describe the
+    weights beside them)."""
     from .config import WEIGHTS_NAME
     from .hub import load_unchanged_folder
 
@@ -372,7 +371,7 @@ def _record_target(adapters: Sequence[str]) -> CPEAdapter:
             f"--record writes the figures into one saved adapter folder (holding {WEIGHTS_NAME}); got --adapter "
             f"{list(adapters)}. Evaluate a stack without --record, or save the adapter to a folder first."
         )
-    return load_unchanged_folder(folder)
+    load_unchanged_folder(folder)
 
 
 def _eval_command(args: argparse.Namespace) -> str:
@@ -380,6 +379,7 @@ def _eval_command(args: argparse.Namespace) -> str:
     options = [f"--base {shlex.quote(args.base)}", f"--suite {args.suite}", f"--seed {args.seed}"]
     options += [f"--erase {shlex.quote(e)}" for e in args.erase or []]
     options += [f"--retain {shlex.quote(r)}" for r in args.retain or []]
+    options += [f"--{key} {shlex.quote(getattr(args, key))}" for key in ("device", "dtype") if getattr(args, key)]
     options += ["--no-attack"] * args.no_attack + ["--images"] * args.images
     return "cpe-adapter eval " + " ".join(options)
 

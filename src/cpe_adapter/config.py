@@ -11,12 +11,15 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import AdapterFileError, CPEAdapterError
+
+_PACKAGE = __name__.partition(".")[0]
 
 CONFIG_NAME = "cpe_config.json"
 WEIGHTS_NAME = "cpe_adapter.safetensors"
@@ -95,8 +98,19 @@ def _known_keys(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        warnings.warn(f"Ignoring unknown keys of {what} (written by a newer version?): {unknown[:10]}", stacklevel=4)
+        message = f"Ignoring unknown keys of {what} (written by a newer version?): {unknown[:10]}"
+        warnings.warn(message, stacklevel=_caller_stacklevel())
     return {k: v for k, v in data.items() if k in known}
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of a warning issued by this function's caller that names the first frame
+    outside this package (dataclass-generated ``__init__`` frames count as inside): the user's line,
+    whichever library path led to the warning."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == _PACKAGE:
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 @dataclass
@@ -258,14 +272,9 @@ class CPEConfig:
                 f"This adapter uses format_version {version}, but this cpe-adapter understands up to "
                 f"{FORMAT_VERSION}. Upgrade with `pip install -U cpe-adapter`."
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            warnings.warn(
-                f"Ignoring unknown CPEConfig keys (written by a newer version?): {unknown[:10]}", stacklevel=2
-            )
+        known = _known_keys(cls, data, "a CPEConfig")
         try:
-            return cls(**{k: v for k, v in data.items() if k in known})
+            return cls(**known)
         except (TypeError, KeyError, AttributeError) as err:
             raise AdapterFileError(f"Invalid CPE config: {err}. Re-save the adapter with save_pretrained.") from err
 

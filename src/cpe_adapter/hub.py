@@ -313,6 +313,32 @@ def save_adapter_folder(
     return folder
 
 
+def record_evaluation(folder: str | os.PathLike, figures: dict[str, Any]) -> None:
+    """Set ``evaluation`` in a saved folder's ``cpe_config.json`` to ``figures`` and renew its model card.
+
+    Only those two files change: the weights file keeps its bytes and dtype (its header copy of the
+    config differs only in this non-structural field), and every other key of the JSON stays as it
+    is, also one a newer version wrote. Both files are built before either is written.
+    """
+    import json
+
+    from .model_card import model_card as build_model_card
+
+    folder = Path(folder)
+    data = json.loads(read_config_text(folder / CONFIG_NAME))
+    data["evaluation"] = figures
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # loading the folder has already warned about unknown keys
+        config = CPEConfig.from_dict(data)
+    config.validate()
+    readme = folder / "README.md"
+    existing = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else None
+    card = str(build_model_card(config, None, existing)).encode("utf-8")
+    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    atomic_write_bytes(readme, card)
+    atomic_write_bytes(folder / CONFIG_NAME, text.encode("utf-8"))
+
+
 def push_adapter(
     source: CPEAdapter | str | os.PathLike,
     repo_id: str,

@@ -103,6 +103,11 @@ def _known_keys(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in known}
 
 
+def config_json(data: dict[str, Any]) -> str:
+    """``data`` as the text of ``cpe_config.json`` (sorted keys, UTF-8 as it is)."""
+    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False)
+
+
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` of a warning issued by this function's caller that names the first frame
     outside this package (dataclass-generated ``__init__`` frames count as inside): the user's line,
@@ -255,7 +260,7 @@ class CPEConfig:
         return dataclasses.asdict(self)
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False)
+        return config_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CPEConfig:

@@ -6,6 +6,7 @@ Hub access goes through ``huggingface_hub`` (``hf_hub_download``, ``HfApi.upload
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -23,7 +24,7 @@ from huggingface_hub.errors import (
 )
 
 from .adapter import CPEAdapter
-from .config import CONFIG_NAME, METADATA_KEY, WEIGHTS_NAME, CPEConfig
+from .config import CONFIG_NAME, METADATA_KEY, WEIGHTS_NAME, CPEConfig, config_json
 from .errors import AdapterFileError, CPEAdapterError
 from .serialization import (
     PICKLE_SUFFIXES,
@@ -282,7 +283,6 @@ def save_adapter_folder(
     only once every file is written.
     """
     from . import __version__
-    from .model_card import model_card as build_model_card
 
     folder = Path(save_directory)
     if folder.exists() and not folder.is_dir():
@@ -299,11 +299,8 @@ def save_adapter_folder(
     config = CPEConfig.from_dict(
         {**adapter.config.to_dict(), "library_version": __version__, "weights_sha256": adapter.digest()}
     )
-    card = None
-    if model_card:  # built first: a card that cannot be written must not leave half a folder
-        readme = folder / "README.md"
-        existing = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else None
-        card = str(build_model_card(config, repo_id, existing)).encode("utf-8")
+    # built first: a card that cannot be written must not leave half a folder
+    card = _folder_card(folder, config, repo_id) if model_card else None
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(folder / WEIGHTS_NAME, tensors, config)
     config.save_pretrained(folder)
@@ -320,23 +317,25 @@ def record_evaluation(folder: str | os.PathLike, figures: dict[str, Any]) -> Non
     config differs only in this non-structural field), and every other key of the JSON stays as it
     is, also one a newer version wrote. Both files are built before either is written.
     """
-    import json
-
-    from .model_card import model_card as build_model_card
-
     folder = Path(folder)
     data = json.loads(read_config_text(folder / CONFIG_NAME))
     data["evaluation"] = figures
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # loading the folder has already warned about unknown keys
-        config = CPEConfig.from_dict(data)
-    config.validate()
+        config = CPEConfig.from_dict(data)  # checks the new figures, as every config is checked
+    card = _folder_card(folder, config, None)
+    atomic_write_bytes(folder / "README.md", card)
+    atomic_write_bytes(folder / CONFIG_NAME, (config_json(data) + "\n").encode("utf-8"))
+
+
+def _folder_card(folder: Path, config: CPEConfig, repo_id: str | None) -> bytes:
+    """The model card for ``config`` in ``folder``, keeping what the author wrote in a ``README.md``
+    already there."""
+    from .model_card import model_card as build_model_card
+
     readme = folder / "README.md"
     existing = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else None
-    card = str(build_model_card(config, None, existing)).encode("utf-8")
-    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    atomic_write_bytes(readme, card)
-    atomic_write_bytes(folder / CONFIG_NAME, text.encode("utf-8"))
+    return str(build_model_card(config, repo_id, existing)).encode("utf-8")
 
 
 def push_adapter(
